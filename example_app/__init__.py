@@ -1,0 +1,1 @@
+"""The demo portal (see issue: the demo portal)."""

@@ -1,0 +1,186 @@
+"""A blocking HTTP client for the referral endpoint, shaped like the official SDK."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+
+from . import __version__
+from .protocol import (
+    DEFAULT_ENDPOINT,
+    SIGNATURE_HEADER,
+    Outcome,
+    build_body,
+    outcome_of,
+    parse_json_object,
+    sign_referral_body,
+)
+
+USER_AGENT = f"flask-mmolove/{__version__}"
+
+
+class TransportError(RuntimeError):
+    """No answer came back from MMOLove (DNS, refused, reset, timeout, TLS).
+
+    A ``RuntimeError``, as the official SDK raises, so code written for it keeps working.
+    """
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """One answer from MMOLove. Non-2xx answers are results too, never exceptions."""
+
+    status: int
+    body: str
+    #: The documented 200 shape, or None when the answer was not a 2xx.
+    outcome: Outcome | None
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    #: Seconds from sending to the answer.
+    elapsed: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    @property
+    def data(self) -> dict[str, Any] | None:
+        """The body as a JSON object, or None."""
+        return parse_json_object(self.body)
+
+
+def _check_endpoint(endpoint: str) -> str:
+    parts = urlsplit(endpoint) if isinstance(endpoint, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(
+            f"endpoint must be an http(s) URL such as {DEFAULT_ENDPOINT}, got {endpoint!r}"
+        )
+    return endpoint
+
+
+class ReferralClient:
+    """Signs and posts referral events over one pooled :class:`requests.Session`."""
+
+    def __init__(
+        self,
+        server_id: str,
+        secret: str,
+        endpoint: str = DEFAULT_ENDPOINT,
+        *,
+        timeout: float | tuple[float, float] = (5.0, 10.0),
+        key_id: str | None = None,
+        session: requests.Session | None = None,
+    ) -> None:
+        if not isinstance(server_id, str) or not server_id.strip():
+            raise ValueError("server_id is required: copy it from the Referrals tab")
+        if not isinstance(secret, str) or not secret:
+            raise ValueError("secret is required: copy it from the Referrals tab")
+        self.server_id = server_id.strip()
+        self.endpoint = _check_endpoint(endpoint)
+        self.timeout = timeout
+        self.key_id = key_id
+        self._secret = secret
+        # Fail now, not at the first send, on a key id that cannot go in a header.
+        sign_referral_body(secret, b"", 1, key_id=key_id)
+        self._session = session or requests.Session()
+        self._session.headers["User-Agent"] = USER_AGENT
+
+    def __repr__(self) -> str:
+        return f"<ReferralClient server_id={self.server_id!r} endpoint={self.endpoint!r}>"
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> ReferralClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def sign(self, body: bytes, t: int | None = None) -> str:
+        """The signature header value for ``body``, without sending anything."""
+        return sign_referral_body(self._secret, body, t, key_id=self.key_id)
+
+    def body(
+        self,
+        event: str,
+        token: str,
+        *,
+        server_event_id: str,
+        referee_identity: str | None = None,
+        ts: int | None = None,
+        test: bool = False,
+        extra: Mapping[str, Any] | None = None,
+    ) -> bytes:
+        """Build the body for one event of this server, serialised once."""
+        return build_body(
+            event,
+            token=token,
+            server_id=self.server_id,
+            server_event_id=server_event_id,
+            referee_identity=referee_identity,
+            ts=ts,
+            test=test,
+            extra=extra,
+        )
+
+    def send_body(self, body: bytes) -> SendResult:
+        """POST ``body`` exactly as given, signed now. Raises :class:`TransportError`."""
+        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: self.sign(body)}
+        started = time.perf_counter()
+        try:
+            response = self._session.post(
+                self.endpoint,
+                data=body,
+                headers=headers,
+                timeout=self.timeout,
+                allow_redirects=False,
+                verify=True,
+            )
+            text = response.text
+        except requests.RequestException as exc:
+            # The exception text names the host and the failure, never the secret.
+            raise TransportError(
+                f"could not reach MMOLove at {self.endpoint}: {type(exc).__name__}: {exc}"
+            ) from exc
+        elapsed = time.perf_counter() - started
+        ok = 200 <= response.status_code < 300
+        return SendResult(
+            status=response.status_code,
+            body=text,
+            outcome=outcome_of(parse_json_object(text)) if ok else None,
+            headers=dict(response.headers),
+            elapsed=elapsed,
+        )
+
+    def send(self, event: str, token: str, **fields: Any) -> SendResult:
+        return self.send_body(self.body(event, token, **fields))
+
+    def registered(
+        self,
+        token: str,
+        *,
+        referee_identity: str,
+        server_event_id: str,
+        test: bool = False,
+        ts: int | None = None,
+    ) -> SendResult:
+        """Report that the referee's account exists: the first-touch anchor."""
+        return self.send(
+            "registered",
+            token,
+            referee_identity=referee_identity,
+            server_event_id=server_event_id,
+            test=test,
+            ts=ts,
+        )
+
+    def qualified(
+        self, token: str, *, server_event_id: str, test: bool = False, ts: int | None = None
+    ) -> SendResult:
+        """Report that the referee reached the portal's milestone."""
+        return self.send("qualified", token, server_event_id=server_event_id, test=test, ts=ts)
