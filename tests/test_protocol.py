@@ -465,6 +465,7 @@ MALFORMED_HEADERS = [
     f"t=17²,v1=sha256={_GOOD_HEX}",  # superscript: isdigit() but not a digit
     f"t={T}, v1=sha256={_GOOD_HEX}",  # spaces
     f" t={T},v1=sha256={_GOOD_HEX}",
+    f"t={T},v1=sha256={_GOOD_HEX},ext=a b",  # a space even in an ignored field
     f"t={T},v1=sha256={_GOOD_HEX} ",
     f"t = {T},v1=sha256={_GOOD_HEX}",
     f"t={T},v1=sha256={_GOOD_HEX.upper()}",  # uppercase hex
