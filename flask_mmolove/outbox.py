@@ -1,0 +1,977 @@
+"""The durable outbox: every referral event is written here before anything is sent.
+
+SQLAlchemy Core only, no Flask: the web process enqueues, and any number of delivery
+threads and processes (on one host with SQLite, on many with PostgreSQL) claim due
+events under a time-limited lease, send them, and record the answer. A claimer that
+dies simply lets its lease run out; the event becomes claimable again.
+
+Guarantees, and their limits:
+
+- An event is stored once per (token, event, server_event_id), the key MMOLove dedups
+  on, however often it is enqueued.
+- While a lease is live, no second claimer gets the row. Only the lease owner can
+  settle it (complete, reschedule, dead-letter); a claimer whose lease expired and was
+  taken over finds its late answer refused (the method returns False).
+- Delivery is at least once: a claimer that sent but died before recording is
+  retried with the same ``server_event_id``, which MMOLove answers as a duplicate.
+- A referee is credited at most once, ever (one ``credits`` row per identity). The
+  announcement of a credit uses the same lease idea, so it survives a crash between
+  announcing and recording; like delivery it is at least once if a receiver outlives
+  its lease, so choose a lease longer than any receiver runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
+
+__all__ = [
+    "DEAD",
+    "DELIVERED",
+    "PENDING",
+    "STATES",
+    "Credit",
+    "Outbox",
+    "OutboxError",
+    "OutboxEvent",
+    "Stats",
+    "make_engine",
+]
+
+PENDING: Final = "pending"
+DELIVERED: Final = "delivered"
+DEAD: Final = "dead"
+STATES: Final = (PENDING, DELIVERED, DEAD)
+
+#: How long a SQLite writer waits for another process's write transaction.
+SQLITE_BUSY_TIMEOUT: Final = 30.0
+#: How long a PostgreSQL connection attempt may take before it counts as unreachable.
+PG_CONNECT_TIMEOUT: Final = 10
+
+TOKEN_MAX: Final = 512
+IDENTITY_MAX: Final = 255
+SERVER_EVENT_ID_MAX: Final = 255
+EVENT_MAX: Final = 32
+OWNER_MAX: Final = 255
+REASON_MAX: Final = 64
+OUTCOME_MAX: Final = 32
+#: Answers and errors are kept for people to read, not replayed: a bounded prefix is enough.
+TEXT_MAX: Final = 2000
+
+_PREFIX = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]{0,39})?", re.ASCII)
+# Execution option a read-only Outbox method sets so SQLite does not take the write
+# lock for it (see make_engine).
+_DEFERRED: Final = "mmolove_deferred_begin"
+_BEGIN_IMMEDIATE: Final = "BEGIN IMMEDIATE"
+_BEGIN_DEFERRED: Final = "BEGIN"
+
+
+class OutboxError(RuntimeError):
+    """The outbox database cannot do what was asked; the message says what to fix."""
+
+
+# --- engine -----------------------------------------------------------------------
+
+
+def make_engine(uri: str | URL) -> Engine:
+    """Create an engine suited to the outbox for ``uri``.
+
+    SQLite (one host): WAL journal so readers never block the writer, a
+    ``SQLITE_BUSY_TIMEOUT`` busy timeout, foreign keys on, and every transaction begins
+    with ``BEGIN IMMEDIATE`` (SQLAlchemy's documented pysqlite recipe: the driver's own
+    BEGIN handling is switched off and the engine's ``begin`` event emits ours). Taking
+    the write lock up front makes concurrent claimers in several processes queue on
+    the busy timeout; a deferred BEGIN would let two of them read, then fail to upgrade
+    with "database is locked" without ever waiting. The Outbox's read-only methods opt
+    back into a deferred BEGIN. The parent directory of a file path is created. An
+    in-memory database (``sqlite://``) gets one connection shared by all threads: it is
+    for tests, not for several processes.
+
+    PostgreSQL and others: ``pool_pre_ping`` so a connection dropped by a restart or a
+    proxy is replaced instead of failing the next claim, and a connect timeout for the
+    psycopg drivers.
+
+    Fork: a child process must not use its parent's connections. After ``fork()`` call
+    ``engine.dispose(close=False)`` in the child (closing would shut the parent's
+    connections too). As a safety net, a connection made in another process is refused
+    at checkout and replaced by a fresh one.
+    """
+    url = make_url(uri)
+    if url.get_backend_name() == "sqlite":
+        engine = _sqlite_engine(url)
+    else:
+        connect_args: dict[str, Any] = {}
+        if (
+            url.get_backend_name() == "postgresql"
+            and url.get_driver_name() in ("psycopg", "psycopg2")
+            and "connect_timeout" not in url.query
+        ):
+            connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT
+        engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+    sa.event.listen(engine, "connect", _remember_pid)
+    sa.event.listen(engine, "checkout", _refuse_foreign_connection)
+    return engine
+
+
+def _sqlite_engine(url: URL) -> Engine:
+    database = url.database or ""
+    memory = database in ("", ":memory:") or url.query.get("mode") == "memory"
+    uri_mode = database.startswith("file:") or url.query.get("uri") == "true"
+    if not memory and not uri_mode:
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}
+    if memory:
+        # Every new connection to ":memory:" is a new, empty database, so all threads
+        # must share one: a pool of exactly one, handed to one thread at a time.
+        kwargs = {
+            "connect_args": {"timeout": SQLITE_BUSY_TIMEOUT, "check_same_thread": False},
+            "poolclass": QueuePool,
+            "pool_size": 1,
+            "max_overflow": 0,
+        }
+    engine = sa.create_engine(url, **kwargs)
+
+    def on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        # Stop the driver from issuing its own (deferred) BEGIN; on_begin issues ours.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            # busy_timeout first: switching to WAL needs a lock another process may hold.
+            cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT * 1000)}")
+            if not memory:
+                cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    def on_begin(conn: Connection) -> None:
+        deferred = conn.get_execution_options().get(_DEFERRED, False)
+        conn.exec_driver_sql(_BEGIN_DEFERRED if deferred else _BEGIN_IMMEDIATE)
+
+    sa.event.listen(engine, "connect", on_connect)
+    sa.event.listen(engine, "begin", on_begin)
+    return engine
+
+
+def _remember_pid(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    record.info["pid"] = os.getpid()
+
+
+def _refuse_foreign_connection(
+    dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
+) -> None:
+    # SQLAlchemy's documented fork guard: a connection inherited over fork() shares its
+    # socket or file locks with the parent; drop it without closing and make a new one.
+    pid = os.getpid()
+    if record.info.get("pid", pid) != pid:
+        record.dbapi_connection = None  # type: ignore[misc]
+        proxy.dbapi_connection = None  # type: ignore[misc]
+        raise sa_exc.DisconnectionError(
+            f"connection made in process {record.info['pid']} refused in process {pid}"
+        )
+
+
+# --- values -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutboxEvent:
+    """One stored referral event, as it was when it was read.
+
+    While an event is leased, ``next_attempt_at`` equals ``lease_until``: the time it
+    becomes claimable again should its owner die.
+    """
+
+    id: int
+    event: str
+    token: str
+    identity: str
+    server_event_id: str
+    #: The exact bytes that are signed and sent, never re-serialised.
+    body: bytes = field(repr=False)
+    state: str
+    attempts: int
+    created_at: float
+    next_attempt_at: float
+    last_status: int | None
+    last_reason: str | None
+    last_error: str | None
+    outcome: str | None
+    delivered_at: float | None
+    #: MMOLove's answer to the accepted attempt (a prefix of ``TEXT_MAX`` characters).
+    response: str | None = None
+    last_attempt_at: float | None = None
+    lease_owner: str | None = None
+    lease_until: float | None = None
+
+
+@dataclass(frozen=True)
+class Credit:
+    """A referee whose referrer earned a reward, waiting to be announced."""
+
+    identity: str
+    token: str
+    event_id: int
+    outcome: str
+    created_at: float
+    #: Claims so far, including this one: for the announcer's backoff.
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Counts for a dashboard. ``pending`` excludes ``in_flight`` (leased) events."""
+
+    pending: int
+    in_flight: int
+    delivered: int
+    dead: int
+    #: Seconds since the oldest undelivered, not dead event was created.
+    oldest_pending_age: float | None
+    credits_unnotified: int
+
+
+def _text(name: str, value: object, limit: int) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+    # MMOLove trims string fields before it dedups: keep our key the same as theirs.
+    trimmed = value.strip()
+    if not trimmed:
+        raise ValueError(f"{name} must not be empty or blank")
+    if len(trimmed) > limit:
+        raise ValueError(f"{name} must be at most {limit} characters, got {len(trimmed)}")
+    return trimmed
+
+
+def _body(value: object) -> bytes:
+    if isinstance(value, str) or not isinstance(value, bytes | bytearray | memoryview):
+        raise TypeError(
+            "body must be the exact bytes to send (protocol.build_body), "
+            f"not {type(value).__name__}"
+        )
+    return bytes(value)
+
+
+def _clip(value: str | None, limit: int) -> str | None:
+    if value is None:
+        return None
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+def _positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+# --- the outbox -------------------------------------------------------------------
+
+
+class Outbox:
+    """The events, first-touch bindings and credits of one portal, in three tables.
+
+    ``table_prefix`` namespaces the tables (``<prefix>events``, ``<prefix>bindings``,
+    ``<prefix>credits``) so they can live in the portal's own database. ``clock``
+    returns unix seconds; every stored time comes from it, never from the database.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        table_prefix: str = "mmolove_",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not isinstance(table_prefix, str) or not _PREFIX.fullmatch(table_prefix):
+            raise ValueError(
+                "table_prefix must be at most 40 letters, digits or underscores, not "
+                f"starting with a digit; got {table_prefix!r}"
+            )
+        self.engine = engine
+        self.table_prefix = table_prefix
+        self.clock = clock
+        self.metadata = sa.MetaData()
+        p = table_prefix
+        # BIGINT on PostgreSQL; SQLite only auto-increments "INTEGER PRIMARY KEY".
+        big_id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+        self.events = sa.Table(
+            f"{p}events",
+            self.metadata,
+            sa.Column("id", big_id, primary_key=True, autoincrement=True),
+            sa.Column("event", sa.String(EVENT_MAX), nullable=False),
+            sa.Column("token", sa.String(TOKEN_MAX), nullable=False),
+            sa.Column("identity", sa.String(IDENTITY_MAX), nullable=False),
+            sa.Column("server_event_id", sa.String(SERVER_EVENT_ID_MAX), nullable=False),
+            sa.Column("body", sa.LargeBinary, nullable=False),
+            sa.Column("state", sa.String(16), nullable=False),
+            sa.Column("attempts", sa.Integer, nullable=False),
+            sa.Column("created_at", sa.Double, nullable=False),
+            sa.Column("next_attempt_at", sa.Double, nullable=False),
+            sa.Column("last_attempt_at", sa.Double),
+            sa.Column("lease_owner", sa.String(OWNER_MAX)),
+            sa.Column("lease_until", sa.Double),
+            sa.Column("last_status", sa.Integer),
+            sa.Column("last_reason", sa.String(REASON_MAX)),
+            sa.Column("last_error", sa.Text),
+            sa.Column("response", sa.Text),
+            sa.Column("outcome", sa.String(OUTCOME_MAX)),
+            sa.Column("delivered_at", sa.Double),
+            sa.UniqueConstraint("token", "event", "server_event_id", name=f"{p}events_dedup"),
+            sa.CheckConstraint(
+                "state IN ('pending', 'delivered', 'dead')", name=f"{p}events_state"
+            ),
+            # Claiming walks this index from its start: with a large backlog it reads
+            # only the due rows it returns (leased rows sit at their lease expiry).
+            sa.Index(f"{p}events_due", "state", "next_attempt_at", "id"),
+            # Ids are shown to operators and kept in credits: never reuse one.
+            sqlite_autoincrement=True,
+        )
+        self.bindings = sa.Table(
+            f"{p}bindings",
+            self.metadata,
+            sa.Column("identity", sa.String(IDENTITY_MAX), primary_key=True),
+            sa.Column("token", sa.String(TOKEN_MAX), nullable=False),
+            sa.Column("bound_at", sa.Double, nullable=False),
+        )
+        self.credits = sa.Table(
+            f"{p}credits",
+            self.metadata,
+            sa.Column("identity", sa.String(IDENTITY_MAX), primary_key=True),
+            sa.Column("token", sa.String(TOKEN_MAX), nullable=False),
+            # No foreign key: a credit outlives any clean-up of delivered events.
+            sa.Column("event_id", sa.BigInteger, nullable=False),
+            sa.Column("outcome", sa.String(OUTCOME_MAX), nullable=False),
+            sa.Column("created_at", sa.Double, nullable=False),
+            sa.Column("notified_at", sa.Double),
+            sa.Column("attempts", sa.Integer, nullable=False),
+            sa.Column("lease_owner", sa.String(OWNER_MAX)),
+            sa.Column("lease_until", sa.Double),
+            sa.Column("next_attempt_at", sa.Double, nullable=False),
+            sa.Index(f"{p}credits_due", "notified_at", "next_attempt_at"),
+        )
+
+    def __repr__(self) -> str:
+        url = self.engine.url.render_as_string(hide_password=True)
+        return f"<Outbox {self.table_prefix!r} at {url}>"
+
+    # --- schema -------------------------------------------------------------------
+
+    def create_all(self) -> None:
+        """Create the tables and indexes that do not exist yet.
+
+        Safe when several processes start at once: SQLite's ``BEGIN IMMEDIATE`` and a
+        PostgreSQL advisory lock make the check-then-create a critical section.
+        """
+        try:
+            with self._transaction() as conn:
+                self._lock_schema(conn)
+                self.metadata.create_all(conn, checkfirst=True)
+        except (sa_exc.DBAPIError, OutboxError):
+            # Elsewhere, a concurrent creator can win the race between check and
+            # create; that is success as long as the tables are there now.
+            if self.engine.dialect.name in ("sqlite", "postgresql") or not self._tables_exist():
+                raise
+
+    def drop_all(self) -> None:
+        """Drop the outbox tables and everything in them (for tests)."""
+        with self._transaction() as conn:
+            self._lock_schema(conn)
+            self.metadata.drop_all(conn, checkfirst=True)
+
+    def _lock_schema(self, conn: Connection) -> None:
+        if conn.dialect.name == "postgresql":
+            digest = hashlib.sha256(f"flask_mmolove:{self.table_prefix}".encode()).digest()
+            key = int.from_bytes(digest[:8], "big", signed=True)
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
+
+    def _tables_exist(self) -> bool:
+        with self.engine.connect() as conn:
+            inspector = sa.inspect(conn)
+            return all(inspector.has_table(table.name) for table in self.metadata.sorted_tables)
+
+    # --- enqueue ------------------------------------------------------------------
+
+    def bind_and_enqueue(
+        self,
+        *,
+        identity: str,
+        token: str,
+        event: str,
+        server_event_id: str,
+        body: bytes,
+    ) -> tuple[str, int | None]:
+        """Bind ``identity`` to ``token`` if it is unbound, then enqueue if they match.
+
+        First touch wins: an identity already bound keeps its first token. Returns the
+        bound token and the event's id, or None when the identity belongs to another
+        token (nothing is enqueued then). One transaction; idempotent like
+        :meth:`enqueue`.
+        """
+        values = self._event_values(
+            event=event,
+            token=token,
+            identity=identity,
+            server_event_id=server_event_id,
+            body=body,
+        )
+        b = self.bindings
+        with self._transaction() as conn:
+            self._insert_if_absent(
+                conn,
+                b,
+                {
+                    "identity": values["identity"],
+                    "token": values["token"],
+                    "bound_at": self.clock(),
+                },
+                ("identity",),
+            )
+            bound = conn.execute(
+                sa.select(b.c.token).where(b.c.identity == values["identity"])
+            ).scalar_one()
+            if bound != values["token"]:
+                return str(bound), None
+            return str(bound), self._enqueue(conn, values)
+
+    def enqueue(
+        self,
+        *,
+        event: str,
+        token: str,
+        identity: str,
+        server_event_id: str,
+        body: bytes,
+    ) -> int:
+        """Store one event to be delivered now; return its id.
+
+        Idempotent: enqueueing the same (token, event, server_event_id) again returns
+        the existing id and leaves the stored body as it was.
+        """
+        values = self._event_values(
+            event=event,
+            token=token,
+            identity=identity,
+            server_event_id=server_event_id,
+            body=body,
+        )
+        with self._transaction() as conn:
+            return self._enqueue(conn, values)
+
+    def token_for(self, identity: str) -> str | None:
+        """The token ``identity`` is bound to (first touch), or None."""
+        identity = _text("identity", identity, IDENTITY_MAX)
+        b = self.bindings
+        with self._transaction(read_only=True) as conn:
+            token = conn.execute(
+                sa.select(b.c.token).where(b.c.identity == identity)
+            ).scalar_one_or_none()
+        return None if token is None else str(token)
+
+    def _event_values(
+        self, *, event: str, token: str, identity: str, server_event_id: str, body: bytes
+    ) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "event": _text("event", event, EVENT_MAX),
+            "token": _text("token", token, TOKEN_MAX),
+            "identity": _text("identity", identity, IDENTITY_MAX),
+            "server_event_id": _text("server_event_id", server_event_id, SERVER_EVENT_ID_MAX),
+            "body": _body(body),
+            "state": PENDING,
+            "attempts": 0,
+            "created_at": now,
+            "next_attempt_at": now,
+        }
+
+    def _enqueue(self, conn: Connection, values: Mapping[str, Any]) -> int:
+        e = self.events
+        self._insert_if_absent(conn, e, values, ("token", "event", "server_event_id"))
+        found = conn.execute(
+            sa.select(e.c.id).where(
+                e.c.token == values["token"],
+                e.c.event == values["event"],
+                e.c.server_event_id == values["server_event_id"],
+            )
+        ).scalar_one_or_none()
+        if found is None:
+            raise OutboxError("the event was neither stored nor found; see the database log")
+        return int(found)
+
+    @staticmethod
+    def _insert_if_absent(
+        conn: Connection, table: sa.Table, values: Mapping[str, Any], key: Sequence[str]
+    ) -> None:
+        # ON CONFLICT DO NOTHING waits for a concurrent inserter of the same key and then
+        # yields to it, so racing enqueuers never see an error; elsewhere a SAVEPOINT
+        # keeps a unique violation from aborting the caller's transaction.
+        name = conn.dialect.name
+        if name == "postgresql":
+            conn.execute(
+                pg_dialect.insert(table).values(**values).on_conflict_do_nothing(index_elements=key)
+            )
+        elif name == "sqlite":
+            conn.execute(
+                sqlite_dialect.insert(table)
+                .values(**values)
+                .on_conflict_do_nothing(index_elements=key)
+            )
+        else:
+            try:
+                with conn.begin_nested():
+                    conn.execute(table.insert().values(**values))
+            except sa_exc.IntegrityError:
+                pass
+
+    # --- claiming and settling events ---------------------------------------------
+
+    def claim(
+        self,
+        owner: str,
+        *,
+        limit: int,
+        lease: float,
+        ids: Sequence[int] | None = None,
+    ) -> list[OutboxEvent]:
+        """Lease up to ``limit`` due events to ``owner`` for ``lease`` seconds.
+
+        Due means pending, ``next_attempt_at`` reached and no live lease; oldest due
+        first. ``ids`` narrows the choice to those events (still only if due: to retry
+        one early, :meth:`requeue` it first). Each claim counts as an attempt.
+        ``owner`` must be unique per claimer (host, pid and a random part).
+        """
+        owner = _text("owner", owner, OWNER_MAX)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a whole number of at least 1, got {limit!r}")
+        _positive("lease", lease)
+        if ids is not None:
+            ids = [int(i) for i in ids]
+            if not ids:
+                return []
+        e = self.events
+        now = self.clock()
+        until = now + lease
+        due = sa.and_(
+            e.c.state == PENDING,
+            e.c.next_attempt_at <= now,
+            sa.or_(e.c.lease_until.is_(None), e.c.lease_until <= now),
+        )
+        query = sa.select(e.c.id).where(due).order_by(e.c.next_attempt_at, e.c.id).limit(limit)
+        if ids is not None:
+            query = query.where(e.c.id.in_(ids))
+        with self._transaction() as conn:
+            chosen = [int(i) for i in conn.scalars(self._locking(conn, query))]
+            if not chosen:
+                return []
+            conn.execute(
+                sa.update(e)
+                .where(e.c.id.in_(chosen), due)
+                .values(
+                    lease_owner=owner,
+                    lease_until=until,
+                    # Leased rows move out of the due range of the index, so the next
+                    # claim does not wade through what is in flight.
+                    next_attempt_at=until,
+                    attempts=e.c.attempts + 1,
+                    last_attempt_at=now,
+                )
+            )
+            rows = conn.execute(
+                sa.select(e).where(e.c.id.in_(chosen), e.c.lease_owner == owner)
+            ).all()
+        order = {event_id: n for n, event_id in enumerate(chosen)}
+        return sorted((self._event(row) for row in rows), key=lambda ev: order[ev.id])
+
+    @staticmethod
+    def _locking(conn: Connection, query: sa.Select[Any]) -> sa.Select[Any]:
+        name = conn.dialect.name
+        if name == "postgresql":
+            # Concurrent claimers pass over each other's rows instead of queueing.
+            return query.with_for_update(skip_locked=True)
+        if name == "sqlite":
+            # No row locks in SQLite; BEGIN IMMEDIATE already serialises writers.
+            return query
+        return query.with_for_update()
+
+    def complete(
+        self,
+        event_id: int,
+        owner: str,
+        *,
+        status: int,
+        response: str,
+        outcome: str,
+        credit: bool,
+    ) -> bool:
+        """Record an accepted event; with ``credit``, owe its referee's referrer a credit.
+
+        Only ``owner``'s claim can complete a pending event; otherwise nothing changes and
+        the result is False. The credit is written in the same transaction and at most
+        once per referee identity, ever.
+        """
+        e = self.events
+        now = self.clock()
+        with self._transaction() as conn:
+            done = conn.execute(
+                sa.update(e)
+                .where(e.c.id == event_id, e.c.lease_owner == owner, e.c.state == PENDING)
+                .values(
+                    state=DELIVERED,
+                    delivered_at=now,
+                    last_status=status,
+                    last_reason=None,
+                    last_error=None,
+                    response=_clip(response, TEXT_MAX),
+                    outcome=_clip(outcome, OUTCOME_MAX),
+                    lease_owner=None,
+                    lease_until=None,
+                )
+            )
+            if done.rowcount != 1:
+                return False
+            if credit:
+                row = conn.execute(
+                    sa.select(e.c.identity, e.c.token).where(e.c.id == event_id)
+                ).one()
+                self._insert_if_absent(
+                    conn,
+                    self.credits,
+                    {
+                        "identity": row.identity,
+                        "token": row.token,
+                        "event_id": event_id,
+                        "outcome": _clip(outcome, OUTCOME_MAX),
+                        "created_at": now,
+                        "attempts": 0,
+                        "next_attempt_at": now,
+                    },
+                    ("identity",),
+                )
+        return True
+
+    def reschedule(
+        self,
+        event_id: int,
+        owner: str,
+        *,
+        at: float,
+        status: int | None,
+        reason: str,
+        error: str,
+    ) -> bool:
+        """Give up ``owner``'s lease and make the event due again at ``at``."""
+        return self._settle(
+            event_id,
+            owner,
+            next_attempt_at=at,
+            last_status=status,
+            last_reason=_clip(reason, REASON_MAX),
+            last_error=_clip(error, TEXT_MAX),
+        )
+
+    def dead_letter(
+        self, event_id: int, owner: str, *, status: int | None, reason: str, error: str
+    ) -> bool:
+        """Stop retrying the event; only :meth:`requeue` brings it back."""
+        return self._settle(
+            event_id,
+            owner,
+            state=DEAD,
+            last_status=status,
+            last_reason=_clip(reason, REASON_MAX),
+            last_error=_clip(error, TEXT_MAX),
+        )
+
+    def _settle(self, event_id: int, owner: str, **values: Any) -> bool:
+        e = self.events
+        with self._transaction() as conn:
+            done = conn.execute(
+                sa.update(e)
+                .where(e.c.id == event_id, e.c.lease_owner == owner, e.c.state == PENDING)
+                .values(lease_owner=None, lease_until=None, **values)
+            )
+            return done.rowcount == 1
+
+    def requeue(self, ids: Sequence[int] | None = None) -> int:
+        """Make events due now; return how many changed.
+
+        Without ``ids``: every dead event. With ``ids``: those that are dead, or pending
+        and waiting for a retry ("retry now"); an event in flight keeps its lease and a
+        delivered one stays delivered. A dead event starts over at zero attempts.
+        """
+        e = self.events
+        now = self.clock()
+        if ids is None:
+            which: sa.ColumnElement[bool] = e.c.state == DEAD
+        else:
+            ids = [int(i) for i in ids]
+            if not ids:
+                return 0
+            which = sa.and_(
+                e.c.id.in_(ids),
+                sa.or_(
+                    e.c.state == DEAD,
+                    sa.and_(
+                        e.c.state == PENDING,
+                        sa.or_(e.c.lease_until.is_(None), e.c.lease_until <= now),
+                    ),
+                ),
+            )
+        with self._transaction() as conn:
+            done = conn.execute(
+                sa.update(e)
+                .where(which)
+                .values(
+                    state=PENDING,
+                    next_attempt_at=now,
+                    lease_owner=None,
+                    lease_until=None,
+                    attempts=sa.case((e.c.state == DEAD, 0), else_=e.c.attempts),
+                )
+            )
+            return int(done.rowcount)
+
+    # --- reading ------------------------------------------------------------------
+
+    def next_due_at(self) -> float | None:
+        """When something next needs doing: the earliest due time (or lease expiry) of a
+        pending event or an unannounced credit; None when there is nothing at all.
+
+        A time in the past means "now". A deliverer may sleep until then.
+        """
+        e, c = self.events, self.credits
+        with self._transaction(read_only=True) as conn:
+            event_due = conn.execute(
+                sa.select(sa.func.min(e.c.next_attempt_at)).where(e.c.state == PENDING)
+            ).scalar_one_or_none()
+            credit_due = conn.execute(
+                sa.select(sa.func.min(c.c.next_attempt_at)).where(c.c.notified_at.is_(None))
+            ).scalar_one_or_none()
+        times = [float(t) for t in (event_due, credit_due) if t is not None]
+        return min(times) if times else None
+
+    def stats(self) -> Stats:
+        e, c = self.events, self.credits
+        now = self.clock()
+        with self._transaction(read_only=True) as conn:
+            counts = {
+                str(state): int(n)
+                for state, n in conn.execute(
+                    sa.select(e.c.state, sa.func.count()).group_by(e.c.state)
+                )
+            }
+            in_flight = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(e)
+                .where(e.c.state == PENDING, e.c.lease_until > now)
+            ).scalar_one()
+            oldest = conn.execute(
+                sa.select(sa.func.min(e.c.created_at)).where(e.c.state == PENDING)
+            ).scalar_one_or_none()
+            unnotified = conn.execute(
+                sa.select(sa.func.count()).select_from(c).where(c.c.notified_at.is_(None))
+            ).scalar_one()
+        return Stats(
+            pending=counts.get(PENDING, 0) - int(in_flight),
+            in_flight=int(in_flight),
+            delivered=counts.get(DELIVERED, 0),
+            dead=counts.get(DEAD, 0),
+            oldest_pending_age=None if oldest is None else max(0.0, now - float(oldest)),
+            credits_unnotified=int(unnotified),
+        )
+
+    def list_events(
+        self, *, state: str | None = None, limit: int = 50, offset: int = 0
+    ) -> list[OutboxEvent]:
+        """Events newest first, optionally only those in ``state``."""
+        if state is not None and state not in STATES:
+            raise ValueError(f"state must be one of {', '.join(STATES)}, got {state!r}")
+        if limit < 0 or offset < 0:
+            raise ValueError("limit and offset must not be negative")
+        e = self.events
+        query = sa.select(e).order_by(e.c.id.desc()).limit(limit).offset(offset)
+        if state is not None:
+            query = query.where(e.c.state == state)
+        with self._transaction(read_only=True) as conn:
+            return [self._event(row) for row in conn.execute(query)]
+
+    def get(self, event_id: int) -> OutboxEvent | None:
+        e = self.events
+        with self._transaction(read_only=True) as conn:
+            row = conn.execute(sa.select(e).where(e.c.id == event_id)).one_or_none()
+        return None if row is None else self._event(row)
+
+    @staticmethod
+    def _event(row: sa.Row[Any]) -> OutboxEvent:
+        return OutboxEvent(
+            id=int(row.id),
+            event=row.event,
+            token=row.token,
+            identity=row.identity,
+            server_event_id=row.server_event_id,
+            body=bytes(row.body),
+            state=row.state,
+            attempts=int(row.attempts),
+            created_at=float(row.created_at),
+            next_attempt_at=float(row.next_attempt_at),
+            last_status=row.last_status,
+            last_reason=row.last_reason,
+            last_error=row.last_error,
+            outcome=row.outcome,
+            delivered_at=row.delivered_at,
+            response=row.response,
+            last_attempt_at=row.last_attempt_at,
+            lease_owner=row.lease_owner,
+            lease_until=row.lease_until,
+        )
+
+    # --- credits ------------------------------------------------------------------
+
+    def claim_credits(self, owner: str, *, limit: int, lease: float) -> list[Credit]:
+        """Lease up to ``limit`` unannounced credits to ``owner``, oldest due first.
+
+        Announce each, then :meth:`finish_credit`; if announcing failed,
+        :meth:`release_credit`. A lease that runs out makes the credit claimable again.
+        """
+        owner = _text("owner", owner, OWNER_MAX)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a whole number of at least 1, got {limit!r}")
+        _positive("lease", lease)
+        c = self.credits
+        now = self.clock()
+        until = now + lease
+        due = sa.and_(
+            c.c.notified_at.is_(None),
+            c.c.next_attempt_at <= now,
+            sa.or_(c.c.lease_until.is_(None), c.c.lease_until <= now),
+        )
+        query = (
+            sa.select(c.c.identity)
+            .where(due)
+            .order_by(c.c.next_attempt_at, c.c.created_at, c.c.identity)
+            .limit(limit)
+        )
+        with self._transaction() as conn:
+            chosen = [str(i) for i in conn.scalars(self._locking(conn, query))]
+            if not chosen:
+                return []
+            conn.execute(
+                sa.update(c)
+                .where(c.c.identity.in_(chosen), due)
+                .values(
+                    lease_owner=owner,
+                    lease_until=until,
+                    next_attempt_at=until,
+                    attempts=c.c.attempts + 1,
+                )
+            )
+            rows = conn.execute(
+                sa.select(c).where(c.c.identity.in_(chosen), c.c.lease_owner == owner)
+            ).all()
+        order = {identity: n for n, identity in enumerate(chosen)}
+        credits = [
+            Credit(
+                identity=row.identity,
+                token=row.token,
+                event_id=int(row.event_id),
+                outcome=row.outcome,
+                created_at=float(row.created_at),
+                attempts=int(row.attempts),
+            )
+            for row in rows
+        ]
+        return sorted(credits, key=lambda credit: order[credit.identity])
+
+    def finish_credit(self, identity: str, owner: str) -> bool:
+        """Record that ``owner`` announced the credit; False if the lease is not ours."""
+        c = self.credits
+        with self._transaction() as conn:
+            done = conn.execute(
+                sa.update(c)
+                .where(
+                    c.c.identity == identity, c.c.lease_owner == owner, c.c.notified_at.is_(None)
+                )
+                .values(notified_at=self.clock(), lease_owner=None, lease_until=None)
+            )
+            return done.rowcount == 1
+
+    def release_credit(self, identity: str, owner: str, *, retry_at: float) -> bool:
+        """Announcing failed: give the lease up and try again at ``retry_at``."""
+        c = self.credits
+        with self._transaction() as conn:
+            done = conn.execute(
+                sa.update(c)
+                .where(
+                    c.c.identity == identity, c.c.lease_owner == owner, c.c.notified_at.is_(None)
+                )
+                .values(lease_owner=None, lease_until=None, next_attempt_at=retry_at)
+            )
+            return done.rowcount == 1
+
+    def dispose(self) -> None:
+        """Close the engine's pooled connections (in a forked child use
+        ``engine.dispose(close=False)`` instead)."""
+        self.engine.dispose()
+
+    # --- plumbing -----------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self, *, read_only: bool = False) -> Iterator[Connection]:
+        try:
+            conn = self.engine.connect()
+        except sa_exc.DBAPIError as exc:
+            raise OutboxError(
+                f"cannot connect to the outbox database {self._url()}: {_reason(exc)}"
+            ) from exc
+        with conn:
+            if read_only:
+                # Only SQLite's begin hook reads this; elsewhere it is inert.
+                conn.execution_options(**{_DEFERRED: True})
+            try:
+                with conn.begin():
+                    yield conn
+            except sa_exc.DBAPIError as exc:
+                explained = self._explain(exc)
+                if explained is None:
+                    raise
+                raise explained from exc
+
+    def _url(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def _explain(self, exc: sa_exc.DBAPIError) -> OutboxError | None:
+        reason = _reason(exc)
+        if getattr(exc.orig, "sqlstate", None) == "42P01" or "no such table" in reason:
+            names = ", ".join(table.name for table in self.metadata.sorted_tables)
+            return OutboxError(
+                f"the outbox tables ({names}) do not exist in {self._url()}: create them "
+                "with Outbox.create_all()"
+            )
+        if "database is locked" in reason:
+            return OutboxError(
+                f"the SQLite outbox {self._url()} stayed locked for more than "
+                f"{SQLITE_BUSY_TIMEOUT:g} s: another process holds a long write "
+                "transaction on it (or the file is on a network filesystem, where SQLite "
+                "locking does not work)"
+            )
+        if exc.connection_invalidated:
+            return OutboxError(
+                f"lost the connection to the outbox database {self._url()}: {reason}"
+            )
+        return None
+
+
+def _reason(exc: sa_exc.DBAPIError) -> str:
+    return str(exc.orig).strip() or type(exc.orig).__name__
