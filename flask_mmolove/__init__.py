@@ -5,6 +5,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .client import ReferralClient, SendResult, TransportError
+from .extension import MMOLove
 from .protocol import (
     DEFAULT_ENDPOINT,
     Action,
@@ -20,13 +21,18 @@ from .protocol import (
     sign_referral_body,
     verify_signature,
 )
+from .registration import referral_registered, set_referee
+from .settings import ConfigurationError
+from .signals import player_qualified, referee_registered, referral_rejected, referrer_credited
 
 __all__ = [
     "DEFAULT_ENDPOINT",
     "Action",
     "BadSignatureError",
     "BodyError",
+    "ConfigurationError",
     "Decision",
+    "MMOLove",
     "MalformedSignatureError",
     "Outcome",
     "ReferralClient",
@@ -37,6 +43,12 @@ __all__ = [
     "__version__",
     "build_body",
     "classify",
+    "player_qualified",
+    "referee_registered",
+    "referral_registered",
+    "referral_rejected",
+    "referrer_credited",
+    "set_referee",
     "sign_referral_body",
     "verify_signature",
 ]

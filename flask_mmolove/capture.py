@@ -1,0 +1,113 @@
+"""Finding the referral token on a request and keeping it until an account exists.
+
+The token travels three ways: the ``mmref`` query parameter (MMOLove's redirect), our
+own first-party cookie (set when the query parameter is first seen, so it survives
+``session.clear()`` at login and OAuth round trips) and the session (what the
+registration view reads). Only a valid token is ever stored or used.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from flask import Response, g, request, session
+
+logger = logging.getLogger("flask_mmolove")
+
+QUERY_PARAM: Final = "mmref"
+MAX_TOKEN_LENGTH: Final = 512
+# URL-safe printable characters only: what an opaque signed token can be made of, and
+# nothing that could break out of a header, a cookie or an HTML attribute.
+_TOKEN: Final = re.compile(rf"[A-Za-z0-9._~+/=:-]{{1,{MAX_TOKEN_LENGTH}}}", re.ASCII)
+
+_SET: Final = "set"
+_CLEAR: Final = "clear"
+
+
+def valid_token(value: object) -> str | None:
+    """``value`` if it can be an ``mmref`` token, else None."""
+    if isinstance(value, str) and _TOKEN.fullmatch(value):
+        return value
+    return None
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    cookie_name: str
+    cookie_max_age: int
+    cookie_secure: bool | None
+    cookie_domain: str | None
+    session_key: str
+    first_touch: bool
+
+
+def _ignored(source: str, raw: str) -> None:
+    # The value itself is never logged: it is attacker-controlled.
+    logger.debug("ignored an invalid mmref from the %s (%d characters)", source, len(raw))
+
+
+def capture(settings: CaptureSettings) -> None:
+    """Put the pending token (or None) in ``g.mmref``; runs before every request."""
+    g.mmref = None
+    # The fast path: with no query string and no cookies there is no token anywhere,
+    # not even in the session (which lives in a cookie too).
+    if not request.args and not request.cookies:
+        return
+    pending = None
+    if request.cookies:
+        stored = session.get(settings.session_key)
+        pending = valid_token(stored)
+        if pending is None:
+            raw = request.cookies.get(settings.cookie_name)
+            if raw is not None:
+                pending = valid_token(raw)
+                if pending is None:
+                    _ignored("cookie", raw)
+    raw_query = request.args.get(QUERY_PARAM)
+    if raw_query is not None:
+        fresh = valid_token(raw_query)
+        if fresh is None:
+            _ignored("query string", raw_query)
+        elif pending is None or (fresh != pending and not settings.first_touch):
+            pending = fresh
+            g._mmolove_cookie = _SET
+        elif fresh != pending:
+            logger.debug("kept the first pending mmref; a later one arrived (first touch)")
+        elif settings.cookie_name not in request.cookies:
+            g._mmolove_cookie = _SET
+    if pending is not None and session.get(settings.session_key) != pending:
+        session[settings.session_key] = pending
+    g.mmref = pending
+
+
+def forget(settings: CaptureSettings) -> None:
+    """Drop the pending token: it is bound to an account now."""
+    session.pop(settings.session_key, None)
+    g.mmref = None
+    g._mmolove_cookie = _CLEAR
+
+
+def write_cookie(settings: CaptureSettings, response: Response) -> None:
+    """Set or clear our first-party cookie, as ``capture``/``forget`` decided."""
+    action = g.pop("_mmolove_cookie", None)
+    if action == _SET and g.mmref is not None:
+        secure = request.is_secure if settings.cookie_secure is None else settings.cookie_secure
+        response.set_cookie(
+            settings.cookie_name,
+            g.mmref,
+            max_age=settings.cookie_max_age,
+            secure=secure,
+            httponly=True,
+            samesite="Lax",
+            domain=settings.cookie_domain,
+        )
+    elif action == _CLEAR and settings.cookie_name in request.cookies:
+        response.delete_cookie(
+            settings.cookie_name,
+            domain=settings.cookie_domain,
+            httponly=True,
+            samesite="Lax",
+        )

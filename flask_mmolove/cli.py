@@ -1,0 +1,151 @@
+"""``flask mmolove ...``: run a worker, look at the outbox, requeue, ping, sandbox."""
+
+from __future__ import annotations
+
+import signal
+import time
+from email.utils import parsedate_to_datetime
+from types import FrameType
+
+import click
+from flask.cli import with_appcontext
+
+from .delivery import Deliverer, PassReport, run_worker
+from .extension import _active_state, _get_state, _State
+from .outbox import Outbox
+from .protocol import build_body, classify
+
+#: A dry run needs a token-shaped value; whether MMOLove looks it up is not documented.
+PING_TOKEN = "flask-mmolove-ping"  # noqa: S105 - not a secret
+
+
+@click.group("mmolove")
+def mmolove_group() -> None:
+    """MMOLove referral delivery: worker, status, retry, ping, sandbox."""
+
+
+def _require_active() -> tuple[_State, Outbox, Deliverer]:
+    active = _active_state()
+    if active is None:
+        raise click.ClickException("MMOLOVE_ENABLED is false for this app: nothing to do.")
+    return active
+
+
+@mmolove_group.command("worker")
+@click.option("--burst", is_flag=True, help="Deliver what is due now, then exit.")
+@with_appcontext
+def worker_command(burst: bool) -> None:
+    """Deliver events from the outbox until stopped (SIGTERM or Ctrl-C finish the pass)."""
+    _, _, deliverer = _require_active()
+    stopping = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+    def progress(report: PassReport) -> None:
+        click.echo(
+            f"claimed {report.claimed}: delivered {report.delivered}, "
+            f"retrying {report.retried}, dead {report.dead}, credited {report.credited}"
+        )
+
+    click.echo(f"mmolove worker {deliverer.owner} delivering to {deliverer.client.endpoint}")
+    total = run_worker(deliverer, burst=burst, should_stop=lambda: stopping, on_pass=progress)
+    click.echo(f"stopped: delivered {total.delivered}, retrying {total.retried}, dead {total.dead}")
+
+
+@mmolove_group.command("status")
+@with_appcontext
+def status_command() -> None:
+    """Counts by state, the oldest pending event's age, and the dead letters."""
+    state, outbox, _ = _require_active()
+    stats = outbox.stats()
+    age = "-" if stats.oldest_pending_age is None else f"{stats.oldest_pending_age:.0f} s"
+    click.echo(f"endpoint:   {state.settings.endpoint}")
+    click.echo(f"delivery:   {state.settings.delivery}")
+    click.echo(f"pending:    {stats.pending} (in flight {stats.in_flight}, oldest {age})")
+    click.echo(f"delivered:  {stats.delivered}")
+    click.echo(f"dead:       {stats.dead}")
+    click.echo(f"credits to announce: {stats.credits_unnotified}")
+    for event in outbox.list_events(state="dead", limit=20):
+        click.echo(
+            f"  dead #{event.id} {event.event} {event.server_event_id}: "
+            f"status {event.last_status}, {event.last_reason}: {(event.last_error or '')[:120]}"
+        )
+
+
+@mmolove_group.command("retry")
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--all", "everything", is_flag=True, help="Requeue every dead letter.")
+@with_appcontext
+def retry_command(ids: tuple[int, ...], everything: bool) -> None:
+    """Requeue dead letters (or events waiting on backoff) to be sent now."""
+    if not ids and not everything:
+        raise click.UsageError("name the event ids to requeue, or pass --all for every dead letter")
+    state, outbox, _ = _require_active()
+    count = outbox.requeue(list(ids) if ids else None)
+    click.echo(f"requeued {count} event(s)")
+    if count and state.background is not None:
+        state.background.wake()
+
+
+@mmolove_group.command("ping")
+@with_appcontext
+def ping_command() -> None:
+    """Send a signed dry run: checks the endpoint, server id, secret and clock."""
+    state, _, deliverer = _require_active()
+    client = deliverer.client
+    now = int(time.time())
+    body = build_body(
+        "registered",
+        token=PING_TOKEN,
+        server_id=state.settings.server_id,
+        referee_identity=PING_TOKEN,
+        server_event_id=f"ping-{now}",
+        test=True,
+    )
+    try:
+        result = client.send_body(body)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"endpoint:   {client.endpoint}")
+    click.echo(f"status:     {result.status} ({result.outcome.value if result.outcome else '-'})")
+    click.echo(f"round trip: {result.elapsed * 1000:.0f} ms")
+    date = result.headers.get("Date")
+    if date:
+        try:
+            skew = parsedate_to_datetime(date).timestamp() - (now + result.elapsed / 2)
+        except (TypeError, ValueError):
+            skew = None
+        if skew is not None:
+            warn = "  (over a minute: fix this machine's clock)" if abs(skew) > 60 else ""
+            click.echo(f"clock skew: {skew:+.0f} s against MMOLove's Date header{warn}")
+    if not result.ok:
+        decision = classify(result.status)
+        raise click.ClickException(f"{decision.hint}. MMOLove said: {result.body[:300]}")
+
+
+@mmolove_group.command(
+    "sandbox", context_settings={"ignore_unknown_options": True, "allow_extra_args": True}
+)
+@click.pass_context
+@with_appcontext
+def sandbox_command(ctx: click.Context) -> None:
+    """Run a local MMOLove sandbox (same options as `python -m flask_mmolove.sandbox`).
+
+    --secret and --server-id default to this app's settings, so the portal can point
+    MMOLOVE_ENDPOINT at it unchanged.
+    """
+    from .sandbox.__main__ import main
+
+    settings = _get_state().settings
+    args = list(ctx.args)
+    if "--server-id" not in args and settings.server_id:
+        args += ["--server-id", settings.server_id]
+    env = None
+    if "--secret" not in args and settings.secret:
+        env = {"MMOLOVE_REFERRAL_SECRET": settings.secret}
+    raise SystemExit(main(args, env=env))

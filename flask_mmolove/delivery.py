@@ -1,0 +1,402 @@
+"""Getting events from the outbox to MMOLove: one pass, a background thread, a worker.
+
+Every verdict on an answer comes from :func:`flask_mmolove.protocol.classify`; this
+module only carries it out: record it in the outbox, then tell the portal by signal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Final
+
+from flask import Flask
+
+from .client import ReferralClient, SendResult, TransportError
+from .outbox import Credit, Outbox, OutboxEvent
+from .protocol import Action, Decision, Outcome, classify
+from .settings import Settings
+from .signals import referee_registered, referral_rejected, referrer_credited
+
+logger = logging.getLogger("flask_mmolove")
+
+#: The jitter factor's range: a delay is its nominal value times [0.75, 1.25).
+JITTER_LOW: Final = 0.75
+JITTER_SPAN: Final = 0.5
+
+
+@dataclass
+class PassReport:
+    """What one delivery pass did."""
+
+    claimed: int = 0
+    delivered: int = 0
+    retried: int = 0
+    dead: int = 0
+    credited: int = 0
+
+    def __iadd__(self, other: PassReport) -> PassReport:
+        self.claimed += other.claimed
+        self.delivered += other.delivered
+        self.retried += other.retried
+        self.dead += other.dead
+        self.credited += other.credited
+        return self
+
+
+def backoff_delay(
+    attempts: int, decision: Decision, settings: Settings, jitter: Callable[[], float]
+) -> float:
+    """Seconds to wait before the next attempt, after ``attempts`` attempts so far.
+
+    Exponential from ``MMOLOVE_RETRY_BASE``, doubling, capped at ``MMOLOVE_RETRY_CAP``,
+    each multiplied by a jitter factor in [0.75, 1.25) so that a crowd of events
+    failed together does not come back together. Answers that need a person
+    (401, redirects) wait ``MMOLOVE_SLOW_RETRY``. ``Retry-After`` is a floor.
+    """
+    if decision.slow:
+        nominal = settings.slow_retry
+        cap = settings.slow_retry * (JITTER_LOW + JITTER_SPAN)
+    else:
+        nominal = min(settings.retry_cap, settings.retry_base * 2.0 ** min(attempts - 1, 60))
+        cap = settings.retry_cap
+    delay = min(cap, nominal * (JITTER_LOW + JITTER_SPAN * jitter()))
+    if decision.retry_after is not None:
+        delay = max(delay, decision.retry_after)
+    return delay
+
+
+class Deliverer:
+    """Claims due events, sends them, and settles each answer. Safe in many processes."""
+
+    def __init__(
+        self,
+        app: Flask,
+        outbox: Outbox,
+        client: ReferralClient,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        # The app is the signals' sender and gives receivers an app context.
+        self.app = app
+        self.outbox = outbox
+        self.client = client
+        self.settings = settings
+        self.clock = clock
+        self.jitter = jitter
+        self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
+
+    def after_fork(self) -> None:
+        """In a forked child: a new lease owner, no inherited pool or connections."""
+        self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._pool = None
+        self.outbox.engine.dispose(close=False)
+
+    def _sender(self) -> ThreadPoolExecutor:
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(
+                max_workers=self.settings.concurrency, thread_name_prefix="mmolove-send"
+            )
+            self._pool_pid = os.getpid()
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None and self._pool_pid == os.getpid():
+            self._pool.shutdown(wait=True)
+        self._pool = None
+
+    def run_once(self, *, ids: Sequence[int] | None = None) -> PassReport:
+        """Deliver what is due now (or just ``ids``), then send owed credit signals."""
+        report = PassReport()
+        events = self.outbox.claim(
+            self.owner, limit=self.settings.batch_size, lease=self.settings.lease, ids=ids
+        )
+        report.claimed = len(events)
+        if len(events) > 1 and self.settings.concurrency > 1:
+            answers = list(self._sender().map(self._send, events))
+        else:
+            answers = [self._send(event) for event in events]
+        for event, (result, error) in zip(events, answers, strict=True):
+            self._settle(event, result, error, report)
+        report.credited = self.notify_credits()
+        return report
+
+    def _send(self, event: OutboxEvent) -> tuple[SendResult | None, str | None]:
+        try:
+            return self.client.send_body(event.body), None
+        except TransportError as exc:
+            return None, str(exc)
+
+    def _settle(
+        self,
+        event: OutboxEvent,
+        result: SendResult | None,
+        error: str | None,
+        report: PassReport,
+    ) -> None:
+        status = result.status if result is not None else None
+        decision = classify(
+            status, retry_after=result.headers.get("Retry-After") if result is not None else None
+        )
+        answer = result.body if result is not None else (error or "")
+        if decision.action is Action.DELIVERED:
+            assert result is not None
+            assert result.outcome is not None
+            credit = event.event == "qualified" and result.outcome is not (
+                Outcome.FIRST_TOUCH_CONFLICT
+            )
+            if not self.outbox.complete(
+                event.id,
+                self.owner,
+                status=result.status,
+                response=answer,
+                outcome=result.outcome.value,
+                credit=credit,
+            ):
+                logger.warning("event %d: lease lost before it was recorded delivered", event.id)
+                return
+            report.delivered += 1
+            logger.info("event %d (%s) accepted: %s", event.id, event.event, result.outcome.value)
+            if event.event == "registered":
+                self._emit(
+                    referee_registered,
+                    identity=event.identity,
+                    token=event.token,
+                    result=result,
+                    outcome=result.outcome,
+                )
+            return
+        if decision.action is Action.RETRY:
+            delay = backoff_delay(event.attempts, decision, self.settings, self.jitter)
+            due = self.clock() + delay
+            if due <= event.created_at + self.settings.max_age:
+                if self.outbox.reschedule(
+                    event.id,
+                    self.owner,
+                    at=due,
+                    status=status,
+                    reason=decision.reason,
+                    error=answer,
+                ):
+                    report.retried += 1
+                log = logger.error if decision.slow else logger.warning
+                log(
+                    "event %d (%s) attempt %d: %s; next attempt in %.1f s",
+                    event.id,
+                    event.event,
+                    event.attempts,
+                    decision.hint,
+                    delay,
+                )
+                return
+            decision = Decision(
+                Action.DEAD,
+                "expired",
+                f"still undelivered after MMOLOVE_MAX_AGE ({self.settings.max_age:g} s); "
+                f"last answer: {decision.hint}. Requeue with `flask mmolove retry`",
+            )
+        if self.outbox.dead_letter(
+            event.id, self.owner, status=status, reason=decision.reason, error=answer
+        ):
+            report.dead += 1
+            logger.error(
+                "event %d (%s) dead-lettered after %d attempt(s): %s (status %s)",
+                event.id,
+                event.event,
+                event.attempts,
+                decision.hint,
+                status,
+            )
+            self._emit(
+                referral_rejected,
+                identity=event.identity,
+                token=event.token,
+                event=event.event,
+                event_id=event.id,
+                status=status,
+                error=answer,
+                hint=decision.hint,
+            )
+
+    def notify_credits(self) -> int:
+        """Send ``referrer_credited`` for every credit not yet announced."""
+        sent = 0
+        for credit in self.outbox.claim_credits(
+            self.owner, limit=self.settings.batch_size, lease=self.settings.lease
+        ):
+            if self._announce(credit):
+                sent += 1
+        return sent
+
+    def _announce(self, credit: Credit) -> bool:
+        event = self.outbox.get(credit.event_id)
+        result = SendResult(
+            status=(event.last_status or 200) if event is not None else 200,
+            body=(event.response or "") if event is not None else "",
+            outcome=Outcome(credit.outcome),
+        )
+        try:
+            with self.app.app_context():
+                referrer_credited.send(
+                    self.app,
+                    identity=credit.identity,
+                    token=credit.token,
+                    result=result,
+                    outcome=result.outcome,
+                )
+        except Exception:
+            retry_at = self.clock() + self.settings.retry_cap
+            logger.exception(
+                "a referrer_credited receiver failed for referee %r; it will be sent again",
+                credit.identity,
+            )
+            self.outbox.release_credit(credit.identity, self.owner, retry_at=retry_at)
+            return False
+        self.outbox.finish_credit(credit.identity, self.owner)
+        return True
+
+    def _emit(self, signal: object, **kwargs: object) -> None:
+        # A receiver's bug must not undo a recorded delivery; it is logged instead.
+        try:
+            with self.app.app_context():
+                signal.send(self.app, **kwargs)  # type: ignore[attr-defined]
+        except Exception:
+            logger.exception("a flask_mmolove signal receiver raised")
+
+
+_live: weakref.WeakSet[BackgroundDelivery] = weakref.WeakSet()
+
+
+def _reinit_after_fork() -> None:
+    for background in list(_live):
+        background.after_fork()
+
+
+os.register_at_fork(after_in_child=_reinit_after_fork)
+
+
+class BackgroundDelivery:
+    """A daemon thread per process that delivers while the portal serves requests.
+
+    Started lazily, woken right after an enqueue, restarted in a forked child (a
+    gunicorn worker forked from a ``--preload`` master), and drained for at most
+    ``MMOLOVE_DRAIN_TIMEOUT`` seconds when the process exits.
+    """
+
+    def __init__(self, deliverer: Deliverer) -> None:
+        self.deliverer = deliverer
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop_at: float | None = None
+        _live.add(self)
+
+    def after_fork(self) -> None:
+        # The parent's thread does not exist here and its lock may have been held at
+        # the fork: start from fresh ones, never from inherited state.
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = None
+        self._stop_at = None
+        self.deliverer.after_fork()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def ensure_running(self) -> None:
+        if self.running:
+            return
+        with self._lock:
+            if self.running:
+                return
+            self._stop_at = None
+            self._thread = threading.Thread(target=self._run, name="mmolove-delivery", daemon=True)
+            self._thread.start()
+
+    def wake(self) -> None:
+        self.ensure_running()
+        self._wake.set()
+
+    def stop(self, drain: float = 0.0) -> None:
+        """Stop after delivering what is due, for at most ``drain`` seconds."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return
+        self._stop_at = time.monotonic() + drain
+        self._wake.set()
+        thread.join(timeout=drain + 1.0)
+        self.deliverer.close()
+
+    def _run(self) -> None:
+        settings = self.deliverer.settings
+        while True:
+            self._wake.clear()
+            try:
+                report = self.deliverer.run_once()
+            except Exception:
+                logger.exception("delivery pass failed; the events stay in the outbox")
+                report = PassReport()
+            stop_at = self._stop_at
+            if stop_at is not None and (
+                report.claimed == report.retried + report.dead or time.monotonic() >= stop_at
+            ):
+                # Draining: stop once nothing due remains deliverable, or at the bound.
+                return
+            if report.claimed >= settings.batch_size:
+                continue
+            timeout = settings.poll_interval
+            try:
+                due = self.deliverer.outbox.next_due_at()
+            except Exception:
+                due = None
+            if due is not None:
+                timeout = min(timeout, max(0.0, due - self.deliverer.clock()))
+            if stop_at is not None:
+                timeout = min(timeout, max(0.0, stop_at - time.monotonic()))
+            self._wake.wait(timeout)
+
+
+def run_worker(
+    deliverer: Deliverer,
+    *,
+    burst: bool = False,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_pass: Callable[[PassReport], None] | None = None,
+) -> PassReport:
+    """The ``flask mmolove worker`` loop: deliver until stopped (or, in burst, until idle)."""
+    total = PassReport()
+    settings = deliverer.settings
+    while not should_stop():
+        report = deliverer.run_once()
+        total += report
+        if on_pass is not None and report.claimed:
+            on_pass(report)
+        if report.claimed >= settings.batch_size:
+            continue
+        if burst:
+            # Burst ends at the first pass that finds nothing due.
+            if report.claimed == 0:
+                break
+            continue
+        due = deliverer.outbox.next_due_at()
+        timeout = settings.poll_interval
+        if due is not None:
+            timeout = min(timeout, max(0.0, due - deliverer.clock()))
+        deadline = time.monotonic() + timeout
+        while not should_stop() and time.monotonic() < deadline:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    deliverer.close()
+    return total

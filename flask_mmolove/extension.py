@@ -1,0 +1,308 @@
+"""The ``MMOLove`` extension: configuration, per-app state and the request hooks."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import random
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flask import Flask, Response, current_app, g, has_request_context
+
+from . import capture
+from .client import ReferralClient
+from .delivery import BackgroundDelivery, Deliverer
+from .outbox import Outbox, make_engine
+from .protocol import build_body
+from .settings import Settings, load_settings
+
+logger = logging.getLogger("flask_mmolove")
+
+EXTENSION_KEY = "mmolove"
+MAX_IDENTITY_LENGTH = 255
+
+
+@dataclass
+class _State:
+    """Everything the extension keeps for one app, in ``app.extensions["mmolove"]``."""
+
+    settings: Settings
+    #: None when ``MMOLOVE_ENABLED`` is false: capture still runs, nothing is sent.
+    outbox: Outbox | None
+    deliverer: Deliverer | None
+    #: The per-process thread, in ``thread`` delivery mode only.
+    background: BackgroundDelivery | None
+
+    def __repr__(self) -> str:
+        return f"<flask_mmolove state delivery={self.settings.delivery!r}>"
+
+
+def _get_state(app: Flask | None = None) -> _State:
+    """The state of ``app`` (default: the current app), or an error that says what to do."""
+    if app is None:
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+    try:
+        state: _State = app.extensions[EXTENSION_KEY]
+    except KeyError:
+        raise RuntimeError(
+            "flask_mmolove is not set up on this app: create `mmolove = MMOLove()` and call "
+            "`mmolove.init_app(app)` in your app factory before handling requests."
+        ) from None
+    return state
+
+
+def _active_state(app: Flask | None = None) -> tuple[_State, Outbox, Deliverer] | None:
+    state = _get_state(app)
+    if state.outbox is None or state.deliverer is None:
+        logger.debug("MMOLOVE_ENABLED is false: no referral event is recorded")
+        return None
+    return state, state.outbox, state.deliverer
+
+
+def normalize_identity(identity: object) -> str | None:
+    """The referee identity as MMOLove receives it, or None when it cannot be one."""
+    if identity is None or isinstance(identity, bool):
+        return None
+    text = str(identity).strip()
+    if not text or len(text) > MAX_IDENTITY_LENGTH or not text.isprintable():
+        return None
+    return text
+
+
+def _dispatch(state: _State, event_ids: list[int]) -> None:
+    """Get freshly written events moving, as the delivery mode says."""
+    if not event_ids or state.deliverer is None:
+        return
+    if state.settings.delivery == "thread" and state.background is not None:
+        state.background.wake()
+    elif state.settings.delivery == "inline":
+        try:
+            state.deliverer.run_once(ids=event_ids)
+        except Exception:
+            # The events are safe in the outbox; `flask mmolove worker` or the next
+            # inline request's retry will deliver them.
+            logger.exception("inline delivery failed; the events stay in the outbox")
+
+
+def _write(state: _State, write: Callable[[], int | None]) -> None:
+    """Run an outbox write now, or with the request's response if there is one.
+
+    Inside a request the write waits for ``after_request`` and happens only if the
+    response is a success: an event caused by a request that failed is never sent.
+    """
+    if has_request_context():
+        g.setdefault("_mmolove_writes", []).append(write)
+        return
+    event_id = write()
+    _dispatch(state, [event_id] if event_id is not None else [])
+
+
+def _before_request() -> None:
+    state = _get_state()
+    capture.capture(state.settings.capture)
+    if state.background is not None:
+        state.background.ensure_running()
+
+
+def _after_request(response: Response) -> Response:
+    state = _get_state()
+    writes: list[Callable[[], int | None]] | None = g.pop("_mmolove_writes", None)
+    if writes:
+        if response.status_code < 400:
+            ids = [event_id for write in writes if (event_id := write()) is not None]
+            _dispatch(state, ids)
+        else:
+            logger.info(
+                "discarded %d referral event(s): the request failed with %d",
+                len(writes),
+                response.status_code,
+            )
+    capture.write_cookie(state.settings.capture, response)
+    return response
+
+
+def record_registration(identity: object, *, app: Flask | None = None) -> bool:
+    """Bind the pending token to ``identity`` and enqueue ``registered``.
+
+    Returns False (and keeps the token pending) when there is nothing to do yet.
+    """
+    active = _active_state(app)
+    token = g.get("mmref")
+    if active is None or token is None:
+        return False
+    state, outbox, _ = active
+    referee = normalize_identity(identity)
+    if referee is None:
+        logger.warning(
+            "a referee identity must be 1-%d printable characters; got %r. The mmref "
+            "token stays pending.",
+            MAX_IDENTITY_LENGTH,
+            type(identity).__name__,
+        )
+        return False
+    body = build_body(
+        "registered",
+        token=token,
+        server_id=state.settings.server_id,
+        server_event_id=f"reg-{referee}",
+        referee_identity=referee,
+        test=state.settings.test_mode,
+    )
+
+    def write() -> int | None:
+        bound, event_id = outbox.bind_and_enqueue(
+            identity=referee,
+            token=token,
+            event="registered",
+            server_event_id=f"reg-{referee}",
+            body=body,
+        )
+        if bound != token:
+            logger.info(
+                "referee %r was already bound to an earlier mmref; first touch keeps it",
+                referee,
+            )
+        capture.forget(state.settings.capture)
+        return event_id
+
+    _write(state, write)
+    return True
+
+
+def record_qualification(
+    identity: object,
+    *,
+    token: str | None = None,
+    server_event_id: str | None = None,
+    app: Flask | None = None,
+) -> bool:
+    """Enqueue ``qualified`` for a referred player; False if the player was not referred."""
+    active = _active_state(app)
+    if active is None:
+        return False
+    state, outbox, _ = active
+    referee = normalize_identity(identity)
+    if referee is None:
+        raise ValueError(
+            f"identity must be the referee's stable id (1-{MAX_IDENTITY_LENGTH} printable "
+            f"characters), as given to set_referee(); got {type(identity).__name__}"
+        )
+    bound = token if token is not None else outbox.token_for(referee)
+    if bound is None:
+        logger.debug("player %r reached the milestone but was not referred", referee)
+        return False
+    event_id = server_event_id or f"qual-{referee}"
+    body = build_body(
+        "qualified",
+        token=bound,
+        server_id=state.settings.server_id,
+        server_event_id=event_id,
+        test=state.settings.test_mode,
+    )
+
+    def write() -> int | None:
+        return outbox.enqueue(
+            event="qualified",
+            token=bound,
+            identity=referee,
+            server_event_id=event_id,
+            body=body,
+        )
+
+    _write(state, write)
+    return True
+
+
+_processes_to_drain: weakref.WeakSet[BackgroundDelivery] = weakref.WeakSet()
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    for background in list(_processes_to_drain):
+        background.stop(drain=background.deliverer.settings.drain_timeout)
+
+
+class MMOLove:
+    """The MMOLove Referral Kit for a Flask app.
+
+    Create it once, then call :meth:`init_app` from the app factory. Construction
+    options apply to every app it is registered on; per-app state lives in
+    ``app.extensions["mmolove"]``.
+
+    :param clock: the time source for delivery (tests of backoff inject one).
+    :param jitter: returns a float in [0, 1) that spreads retry delays.
+    """
+
+    def __init__(
+        self,
+        app: Flask | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self._clock = clock
+        self._jitter = jitter
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Read the ``MMOLOVE_*`` settings, prepare the outbox and install the hooks."""
+        if EXTENSION_KEY in app.extensions:
+            raise RuntimeError(
+                "A 'MMOLove' instance has already been registered on this Flask app. "
+                "Import and use that instance instead."
+            )
+        settings = load_settings(app)
+        outbox = deliverer = background = None
+        if settings.enabled:
+            engine = make_engine(settings.database_uri)
+            outbox = Outbox(engine, table_prefix=settings.table_prefix, clock=self._clock)
+            outbox.create_all()
+            # A --preload master must hand its workers no open connection.
+            engine.dispose()
+            client = ReferralClient(
+                settings.server_id,
+                settings.secret,
+                settings.endpoint,
+                timeout=settings.timeout,
+                key_id=settings.key_id,
+            )
+            deliverer = Deliverer(
+                app, outbox, client, settings, clock=self._clock, jitter=self._jitter
+            )
+            if settings.delivery == "thread":
+                background = BackgroundDelivery(deliverer)
+                _processes_to_drain.add(background)
+        app.extensions[EXTENSION_KEY] = _State(settings, outbox, deliverer, background)
+        app.before_request(_before_request)
+        app.after_request(_after_request)
+
+    def qualify(
+        self,
+        identity: object,
+        *,
+        token: str | None = None,
+        server_event_id: str | None = None,
+    ) -> bool:
+        """What ``player_qualified.send(app, identity=...)`` does, as a call."""
+        return record_qualification(identity, token=token, server_event_id=server_event_id)
+
+    def deliver_now(self, app: Flask | None = None) -> int:
+        """Run one delivery pass in this thread; returns how many events it claimed."""
+        active = _active_state(app)
+        return 0 if active is None else active[2].run_once().claimed
+
+    def shutdown(self, app: Flask | None = None, *, drain: float = 0.0) -> None:
+        """Stop this app's delivery thread and close its connections (tests, reloads)."""
+        state = _get_state(app)
+        if state.background is not None:
+            state.background.stop(drain=drain)
+            _processes_to_drain.discard(state.background)
+        if state.deliverer is not None:
+            state.deliverer.close()
+            state.deliverer.client.close()
+        if state.outbox is not None:
+            state.outbox.dispose()

@@ -1,0 +1,127 @@
+"""What the portal's own code calls: the registration decorator and the milestone."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+from flask import current_app, g, has_app_context, make_response
+from flask.typing import ResponseReturnValue
+
+from .extension import _get_state, normalize_identity, record_qualification, record_registration
+from .signals import player_qualified
+
+logger = logging.getLogger("flask_mmolove")
+
+F = TypeVar("F", bound=Callable[..., Any])
+IdentityGetter = Callable[[], object]
+
+
+def set_referee(identity: object) -> None:
+    """Name the account the current request created; call it in the registration view.
+
+    ``identity`` must be stable for the account's life (its id, not a renamable
+    name). The decorated view's successful response then binds it to the pending
+    token and enqueues ``registered``.
+    """
+    if normalize_identity(identity) is None:
+        raise ValueError(
+            "set_referee() needs the new account's stable id: a non-empty printable "
+            f"value of at most 255 characters, got {type(identity).__name__}"
+        )
+    g._mmolove_referee = identity
+
+
+def _flask_login_identity() -> object:
+    try:
+        from flask_login import current_user
+    except ImportError:
+        return None
+    if current_user and getattr(current_user, "is_authenticated", False):
+        return current_user.get_id()
+    return None
+
+
+def _resolve_identity(getter: IdentityGetter | None) -> object:
+    identity = g.pop("_mmolove_referee", None)
+    if identity is None and getter is not None:
+        identity = getter()
+    if identity is None:
+        identity = _flask_login_identity()
+    return identity
+
+
+@overload
+def referral_registered(view: F) -> F: ...
+@overload
+def referral_registered(*, identity: IdentityGetter | None = None) -> Callable[[F], F]: ...
+
+
+def referral_registered(
+    view: F | None = None, *, identity: IdentityGetter | None = None
+) -> F | Callable[[F], F]:
+    """Decorate the registration view: report ``registered`` when it creates an account.
+
+    After the view returns a 2xx or 3xx response, if an ``mmref`` token is pending and
+    an identity is known (``set_referee()`` in the view, else ``identity()``, else
+    Flask-Login's ``current_user``), the identity is bound to the token and
+    ``registered`` is written to the outbox. Works bare or as
+    ``@referral_registered(identity=lambda: ...)``, on sync and async views.
+    """
+
+    def decorator(func: F) -> F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> ResponseReturnValue:
+            _get_state()  # fail early and clearly when init_app was not called
+            g.pop("_mmolove_referee", None)
+            response = make_response(current_app.ensure_sync(func)(*args, **kwargs))
+            if 200 <= response.status_code < 400 and g.get("mmref") is not None:
+                referee = _resolve_identity(identity)
+                if referee is None:
+                    logger.warning(
+                        "%s returned %d with an mmref pending but no referee identity: call "
+                        "set_referee(user.id) in the view once the account exists, or use "
+                        "@referral_registered(identity=lambda: ...). The token stays pending.",
+                        func.__qualname__,
+                        response.status_code,
+                    )
+                else:
+                    record_registration(referee)
+            return response
+
+        return wrapper  # type: ignore[return-value]
+
+    if view is not None:
+        return decorator(view)
+    return decorator
+
+
+def _on_player_qualified(sender: Any, **kwargs: Any) -> None:
+    app = getattr(sender, "_get_current_object", lambda: sender)()
+    if "mmolove" not in getattr(app, "extensions", {}):
+        logger.debug("player_qualified from %r, which has no MMOLove; ignored", sender)
+        return
+    identity = kwargs.get("identity")
+    if identity is None:
+        raise TypeError("player_qualified.send(app, identity=...) needs the player's identity")
+
+    def qualify() -> None:
+        record_qualification(
+            identity,
+            token=kwargs.get("token"),
+            server_event_id=kwargs.get("server_event_id"),
+            app=app,
+        )
+
+    # Inside this app's own context (a request, usually) the write must join that
+    # context's g, so that it commits with the request's response.
+    if has_app_context() and current_app._get_current_object() is app:  # type: ignore[attr-defined]
+        qualify()
+    else:
+        with app.app_context():
+            qualify()
+
+
+player_qualified.connect(_on_player_qualified)

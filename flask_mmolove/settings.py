@@ -1,0 +1,204 @@
+"""Every ``MMOLOVE_*`` configuration key: its default, and its validation.
+
+Read once, in ``init_app``, into a frozen :class:`Settings`. A bad value fails there,
+with a message that names the key and says what to put in it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from flask import Flask
+
+from .capture import CaptureSettings
+from .protocol import DEFAULT_ENDPOINT
+
+DELIVERY_MODES: Final = ("thread", "worker", "inline")
+_NINETY_DAYS: Final = 90 * 24 * 3600
+
+#: key -> default. ``None`` for the server id and secret means "from the environment".
+DEFAULTS: Final[dict[str, Any]] = {
+    "MMOLOVE_ENABLED": True,
+    "MMOLOVE_SERVER_ID": None,
+    "MMOLOVE_REFERRAL_SECRET": None,
+    "MMOLOVE_KEY_ID": None,
+    "MMOLOVE_ENDPOINT": None,
+    "MMOLOVE_DATABASE_URI": None,
+    "MMOLOVE_TABLE_PREFIX": "mmolove_",
+    "MMOLOVE_DELIVERY": "thread",
+    "MMOLOVE_TEST_MODE": False,
+    "MMOLOVE_CONNECT_TIMEOUT": 5.0,
+    "MMOLOVE_READ_TIMEOUT": 10.0,
+    "MMOLOVE_RETRY_BASE": 1.0,
+    "MMOLOVE_RETRY_CAP": 300.0,
+    "MMOLOVE_SLOW_RETRY": 900.0,
+    "MMOLOVE_MAX_AGE": 7 * 24 * 3600.0,
+    "MMOLOVE_LEASE": 60.0,
+    "MMOLOVE_BATCH_SIZE": 50,
+    "MMOLOVE_CONCURRENCY": 4,
+    "MMOLOVE_POLL_INTERVAL": 5.0,
+    "MMOLOVE_DRAIN_TIMEOUT": 5.0,
+    "MMOLOVE_FIRST_TOUCH": True,
+    "MMOLOVE_COOKIE_NAME": "mmref",
+    "MMOLOVE_COOKIE_MAX_AGE": _NINETY_DAYS,
+    "MMOLOVE_COOKIE_SECURE": None,
+    "MMOLOVE_COOKIE_DOMAIN": None,
+    "MMOLOVE_SESSION_KEY": "mmolove_mmref",
+}
+
+
+class ConfigurationError(ValueError):
+    """A ``MMOLOVE_*`` setting is missing or wrong; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    enabled: bool
+    server_id: str
+    secret: str = field(repr=False)
+    key_id: str | None
+    endpoint: str
+    database_uri: str = field(repr=False)
+    table_prefix: str
+    delivery: str
+    test_mode: bool
+    timeout: tuple[float, float]
+    retry_base: float
+    retry_cap: float
+    slow_retry: float
+    max_age: float
+    lease: float
+    batch_size: int
+    concurrency: int
+    poll_interval: float
+    drain_timeout: float
+    capture: CaptureSettings
+
+
+def _number(config: dict[str, Any], key: str, *, minimum: float = 0.0) -> float:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= minimum:
+        raise ConfigurationError(f"{key} must be a number greater than {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def _whole(config: dict[str, Any], key: str) -> int:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{key} must be a whole number of at least 1, got {value!r}")
+    return value
+
+
+def _text(config: dict[str, Any], key: str, env: str | None = None) -> str | None:
+    value = config[key]
+    if value is None and env is not None:
+        value = os.environ.get(env)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{key} must be a string, got {type(value).__name__}")
+    return value.strip() or None
+
+
+def load_settings(app: Flask) -> Settings:
+    """Set every default on ``app.config``, then read and check the whole set."""
+    for key, default in DEFAULTS.items():
+        app.config.setdefault(key, default)
+    config = app.config
+
+    enabled = bool(config["MMOLOVE_ENABLED"])
+    server_id = _text(config, "MMOLOVE_SERVER_ID", "MMOLOVE_SERVER_ID")
+    # The secret is never stripped: it is the exact HMAC key.
+    secret = config["MMOLOVE_REFERRAL_SECRET"]
+    if secret is None:
+        secret = os.environ.get("MMOLOVE_REFERRAL_SECRET")
+    if secret is not None and not isinstance(secret, str):
+        raise ConfigurationError(
+            f"MMOLOVE_REFERRAL_SECRET must be a string, got {type(secret).__name__}"
+        )
+    if enabled and not server_id:
+        raise ConfigurationError(
+            "MMOLOVE_SERVER_ID is not set: copy your server id from MMOLove's Referrals "
+            "tab into app.config or the environment, or set MMOLOVE_ENABLED = False"
+        )
+    if enabled and not secret:
+        raise ConfigurationError(
+            "MMOLOVE_REFERRAL_SECRET is not set: copy the signing secret from MMOLove's "
+            "Referrals tab into the environment (never into code), or set "
+            "MMOLOVE_ENABLED = False"
+        )
+
+    endpoint = _text(config, "MMOLOVE_ENDPOINT", "MMOLOVE_ENDPOINT") or DEFAULT_ENDPOINT
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigurationError(
+            f"MMOLOVE_ENDPOINT must be an http(s) URL such as {DEFAULT_ENDPOINT}, got {endpoint!r}"
+        )
+
+    delivery = config["MMOLOVE_DELIVERY"]
+    if delivery not in DELIVERY_MODES:
+        raise ConfigurationError(
+            f"MMOLOVE_DELIVERY must be one of {', '.join(DELIVERY_MODES)}, got {delivery!r}"
+        )
+
+    database_uri = _text(config, "MMOLOVE_DATABASE_URI") or (
+        "sqlite:///" + os.path.join(app.instance_path, "mmolove.sqlite3")
+    )
+    table_prefix = config["MMOLOVE_TABLE_PREFIX"]
+    if not isinstance(table_prefix, str) or not table_prefix.replace("_", "").isalnum():
+        raise ConfigurationError(
+            f"MMOLOVE_TABLE_PREFIX must be letters, digits and underscores, got {table_prefix!r}"
+        )
+
+    key_id = _text(config, "MMOLOVE_KEY_ID")
+    cookie_max_age = _whole(config, "MMOLOVE_COOKIE_MAX_AGE")
+    if cookie_max_age > _NINETY_DAYS:
+        raise ConfigurationError(
+            f"MMOLOVE_COOKIE_MAX_AGE must not outlive the token's 90 days "
+            f"({_NINETY_DAYS} s), got {cookie_max_age}"
+        )
+    cookie_secure = config["MMOLOVE_COOKIE_SECURE"]
+    if cookie_secure is not None and not isinstance(cookie_secure, bool):
+        raise ConfigurationError(
+            "MMOLOVE_COOKIE_SECURE must be True, False or None (None: Secure on https)"
+        )
+    cookie_name = _text(config, "MMOLOVE_COOKIE_NAME")
+    session_key = _text(config, "MMOLOVE_SESSION_KEY")
+    if not cookie_name or not session_key:
+        raise ConfigurationError("MMOLOVE_COOKIE_NAME and MMOLOVE_SESSION_KEY must be non-empty")
+
+    return Settings(
+        enabled=enabled,
+        server_id=server_id or "",
+        secret=secret or "",
+        key_id=key_id,
+        endpoint=endpoint,
+        database_uri=database_uri,
+        table_prefix=table_prefix,
+        delivery=delivery,
+        test_mode=bool(config["MMOLOVE_TEST_MODE"]),
+        timeout=(
+            _number(config, "MMOLOVE_CONNECT_TIMEOUT"),
+            _number(config, "MMOLOVE_READ_TIMEOUT"),
+        ),
+        retry_base=_number(config, "MMOLOVE_RETRY_BASE"),
+        retry_cap=_number(config, "MMOLOVE_RETRY_CAP"),
+        slow_retry=_number(config, "MMOLOVE_SLOW_RETRY"),
+        max_age=_number(config, "MMOLOVE_MAX_AGE"),
+        lease=_number(config, "MMOLOVE_LEASE"),
+        batch_size=_whole(config, "MMOLOVE_BATCH_SIZE"),
+        concurrency=_whole(config, "MMOLOVE_CONCURRENCY"),
+        poll_interval=_number(config, "MMOLOVE_POLL_INTERVAL"),
+        drain_timeout=_number(config, "MMOLOVE_DRAIN_TIMEOUT", minimum=-1),
+        capture=CaptureSettings(
+            cookie_name=cookie_name,
+            cookie_max_age=cookie_max_age,
+            cookie_secure=cookie_secure,
+            cookie_domain=_text(config, "MMOLOVE_COOKIE_DOMAIN"),
+            session_key=session_key,
+            first_touch=bool(config["MMOLOVE_FIRST_TOUCH"]),
+        ),
+    )

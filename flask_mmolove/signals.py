@@ -1,0 +1,40 @@
+"""Signals of the referral lifecycle.
+
+Every signal's sender is the Flask app (``current_app._get_current_object()``), so a
+receiver connected with ``signal.connect_via(app)`` hears only its own app.
+"""
+
+from __future__ import annotations
+
+from blinker import Namespace
+
+_signals = Namespace()
+
+#: Sent by the portal when a player reaches its milestone; the extension answers by
+#: enqueueing ``qualified`` for the player's bound token. Sender: the app.
+#: Keyword arguments: ``identity`` (the referee's stable id, as given to
+#: ``set_referee``), and optionally ``token`` (when the portal keeps the token itself)
+#: and ``server_event_id`` (default ``"qual-<identity>"``).
+player_qualified = _signals.signal("player-qualified")
+
+#: Sent when MMOLove accepted ``registered``. Sender: the app. Keyword arguments:
+#: ``identity``, ``token``, ``result`` (the :class:`~flask_mmolove.SendResult`) and
+#: ``outcome`` (its :class:`~flask_mmolove.Outcome`; ``FIRST_TOUCH_CONFLICT`` means
+#: another referrer registered this referee first).
+referee_registered = _signals.signal("referee-registered")
+
+#: Sent exactly once per referee when MMOLove accepted ``qualified``: grant the
+#: referrer's reward here. Sender: the app. Keyword arguments: ``identity``, ``token``,
+#: ``result`` (a :class:`~flask_mmolove.SendResult` rebuilt from the stored answer),
+#: ``outcome`` (``Outcome.TEST`` for a dry run in ``MMOLOVE_TEST_MODE``) and
+#: ``credit_id`` (stable; use it to make the grant idempotent should a process die
+#: between the grant and its record). If a receiver raises, the signal is sent again
+#: later.
+referrer_credited = _signals.signal("referrer-credited")
+
+#: Sent when an event was dead-lettered: MMOLove refused it for good, or it outlived
+#: ``MMOLOVE_MAX_AGE``. Sender: the app. Keyword arguments: ``identity``, ``token``,
+#: ``event`` (``"registered"`` or ``"qualified"``), ``event_id`` (the outbox row, for
+#: ``flask mmolove retry``), ``status`` (None for a transport failure), ``error`` (the
+#: answer's body) and ``hint`` (what to fix).
+referral_rejected = _signals.signal("referral-rejected")

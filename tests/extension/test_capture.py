@@ -1,0 +1,144 @@
+"""Capturing ``mmref``: query string, cookie, session, validation, first touch."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+from flask import Flask, session
+
+
+def cookie_header(response: Any, name: str = "mmref") -> str | None:
+    for value in response.headers.getlist("Set-Cookie"):
+        if value.startswith(f"{name}="):
+            return str(value)
+    return None
+
+
+def test_query_token_goes_to_g_session_and_own_cookie(client: Any, app: Flask) -> None:
+    response = client.get("/page?mmref=tok.abc-123_XYZ")
+    assert response.json == {"mmref": "tok.abc-123_XYZ"}
+    with client.session_transaction() as sess:
+        assert sess["mmolove_mmref"] == "tok.abc-123_XYZ"
+    header = cookie_header(response)
+    assert header is not None
+    assert header.startswith("mmref=tok.abc-123_XYZ;")
+    assert "HttpOnly" in header
+    assert "SameSite=Lax" in header
+    assert f"Max-Age={90 * 24 * 3600}" in header
+    assert "Secure" not in header
+
+
+def test_cookie_is_secure_on_https(client: Any) -> None:
+    response = client.get("/page?mmref=tok1", base_url="https://portal.example")
+    header = cookie_header(response)
+    assert header is not None
+    assert "Secure" in header
+
+
+def test_cookie_secure_forced_by_config(make_portal: Any) -> None:
+    client = make_portal(MMOLOVE_COOKIE_SECURE=True).test_client()
+    header = cookie_header(client.get("/page?mmref=tok1"))
+    assert header is not None
+    assert "Secure" in header
+
+
+def test_no_token_no_cookie_no_session(client: Any) -> None:
+    response = client.get("/page")
+    assert response.json == {"mmref": None}
+    assert response.headers.getlist("Set-Cookie") == []
+    response = client.get("/page?other=1")
+    assert response.headers.getlist("Set-Cookie") == []
+
+
+def test_token_survives_session_clear_through_the_cookie(client: Any, app: Flask) -> None:
+    client.get("/page?mmref=tok-first")
+    with client.session_transaction() as sess:
+        sess.clear()
+    # A login that clears the session, an OAuth round trip, another landing page:
+    assert client.get("/page").json == {"mmref": "tok-first"}
+    with client.session_transaction() as sess:
+        assert sess["mmolove_mmref"] == "tok-first"
+
+
+def test_mmolove_cookie_alone_is_a_fallback(client: Any) -> None:
+    client.set_cookie("mmref", "from-mmolove-cookie")
+    assert client.get("/page").json == {"mmref": "from-mmolove-cookie"}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "has space",
+        'quote"d',
+        "<script>",
+        "semi;colon",
+        "x" * 513,
+        "new\nline",
+        "tab\there",
+        "caf\u00e9",
+        "back\\slash",
+    ],
+)
+def test_invalid_tokens_are_ignored_never_stored_or_echoed(
+    client: Any, bad: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="flask_mmolove")
+    response = client.get("/page", query_string={"mmref": bad})
+    assert response.json == {"mmref": None}
+    assert response.headers.getlist("Set-Cookie") == []
+    with client.session_transaction() as sess:
+        assert "mmolove_mmref" not in sess
+    if bad:
+        assert bad not in caplog.text
+        assert bad not in response.get_data(as_text=True)
+
+
+def test_invalid_cookie_is_ignored(client: Any) -> None:
+    client.set_cookie("mmref", "bad<cookie>")
+    assert client.get("/page").json == {"mmref": None}
+
+
+def test_first_touch_keeps_the_pending_token(client: Any) -> None:
+    client.get("/page?mmref=first")
+    response = client.get("/page?mmref=second")
+    assert response.json == {"mmref": "first"}
+    assert cookie_header(response) is None
+
+
+def test_last_touch_when_configured(make_portal: Any) -> None:
+    client = make_portal(MMOLOVE_FIRST_TOUCH=False).test_client()
+    client.get("/page?mmref=first")
+    response = client.get("/page?mmref=second")
+    assert response.json == {"mmref": "second"}
+    header = cookie_header(response)
+    assert header is not None
+    assert header.startswith("mmref=second;")
+
+
+def test_token_cleared_from_session_and_cookie_once_bound(
+    client: Any, mmolove_sandbox: Any
+) -> None:
+    token = mmolove_sandbox.mint_token()
+    client.get(f"/register?mmref={token}")
+    response = client.post("/register", data={"name": "ayla"})
+    header = cookie_header(response)
+    assert header is not None
+    assert header.startswith("mmref=;")
+    assert "Max-Age=0" in header or "Expires=Thu, 01 Jan 1970" in header
+    with client.session_transaction() as sess:
+        assert "mmolove_mmref" not in sess
+    assert client.get("/page").json == {"mmref": None}
+
+
+def test_session_key_is_configurable(make_portal: Any) -> None:
+    app = make_portal(MMOLOVE_SESSION_KEY="ref", MMOLOVE_COOKIE_NAME="portal_ref")
+    client = app.test_client()
+    response = client.get("/page?mmref=tok")
+    assert cookie_header(response, "portal_ref") is not None
+    with client.session_transaction() as sess:
+        assert sess["ref"] == "tok"
+    with app.test_request_context():
+        assert "ref" not in session

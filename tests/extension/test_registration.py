@@ -1,0 +1,151 @@
+"""``@referral_registered``, ``set_referee`` and ``player_qualified``: every rule."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask_login import LoginManager, UserMixin, login_user
+
+from flask_mmolove import referral_registered, set_referee
+
+
+def outbox_rows(app: Flask) -> list[Any]:
+    return list(app.extensions["mmolove"].outbox.list_events(limit=100))
+
+
+def test_client_error_response_enqueues_nothing(
+    client: Any, app: Flask, mmolove_sandbox: Any
+) -> None:
+    token = mmolove_sandbox.mint_token()
+    client.get(f"/page?mmref={token}")
+    assert client.post("/register-rejected", data={"id": "7"}).status_code == 409
+    assert client.post("/register", data={"name": ""}).status_code == 400
+    assert outbox_rows(app) == []
+    assert mmolove_sandbox.events == []
+    # Still pending for the retry that succeeds.
+    assert client.get("/page").json == {"mmref": token}
+
+
+def test_exception_in_view_enqueues_nothing(client: Any, app: Flask, mmolove_sandbox: Any) -> None:
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    token = mmolove_sandbox.mint_token()
+    client.get(f"/page?mmref={token}")
+    assert client.post("/register", data={"name": "x", "explode": "1"}).status_code == 500
+    assert outbox_rows(app) == []
+    assert client.get("/page").json == {"mmref": token}
+
+
+def test_no_identity_warns_and_keeps_token(
+    client: Any, app: Flask, mmolove_sandbox: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = mmolove_sandbox.mint_token()
+    client.get(f"/page?mmref={token}")
+    assert client.post("/register-no-identity").status_code == 201
+    assert "set_referee(user.id)" in caplog.text
+    assert "identity=" in caplog.text
+    assert outbox_rows(app) == []
+    assert client.get("/page").json == {"mmref": token}
+
+
+def test_without_token_nothing_happens(client: Any, app: Flask) -> None:
+    assert client.post("/register", data={"name": "plain"}).status_code == 302
+    assert outbox_rows(app) == []
+
+
+def test_identity_is_bound_first_touch(client: Any, app: Flask, mmolove_sandbox: Any) -> None:
+    first = mmolove_sandbox.mint_token("a")
+    second = mmolove_sandbox.mint_token("b")
+    client.get(f"/page?mmref={first}")
+    client.post("/register-callable", data={"id": "42"})
+    other = app.test_client()
+    other.get(f"/page?mmref={second}")
+    other.post("/register-callable", data={"id": "42"})
+    with app.app_context():
+        assert app.extensions["mmolove"].outbox.token_for("42") == first
+    sent = [json.loads(r.body)["token"] for r in mmolove_sandbox.events]
+    assert sent == [first]
+
+
+def test_registration_is_idempotent_per_identity(
+    client: Any, app: Flask, mmolove_sandbox: Any
+) -> None:
+    token = mmolove_sandbox.mint_token()
+    client.get(f"/page?mmref={token}")
+    client.post("/register-callable", data={"id": "5"})
+    client.get(f"/page?mmref={token}")
+    client.post("/register-callable", data={"id": "5"})
+    assert len(outbox_rows(app)) == 1
+
+
+def test_failed_request_discards_its_qualified_event(
+    client: Any, app: Flask, mmolove_sandbox: Any
+) -> None:
+    client.get(f"/page?mmref={mmolove_sandbox.mint_token()}")
+    client.post("/register", data={"name": "ayla"})
+    assert client.post("/play/1000", data={"fail": "1"}).status_code == 500
+    assert [r.event for r in outbox_rows(app)] == ["registered"]
+    assert [r.event for r in mmolove_sandbox.events] == ["registered"]
+
+
+def test_flask_login_current_user_is_the_fallback(make_portal: Any, mmolove_sandbox: Any) -> None:
+    app = make_portal()
+    manager = LoginManager(app)
+
+    class User(UserMixin):
+        def __init__(self, user_id: str) -> None:
+            self.id = user_id
+
+    manager.user_loader(User)
+
+    @app.post("/signup")
+    @referral_registered
+    def signup() -> Any:
+        login_user(User("u-31"))
+        return "ok"
+
+    client = app.test_client()
+    client.get(f"/page?mmref={mmolove_sandbox.mint_token()}")
+    client.post("/signup")
+    [reg] = mmolove_sandbox.events
+    assert json.loads(reg.body)["referee_identity"] == "u-31"
+
+
+@pytest.mark.parametrize("bad", ["", "   ", None, "x" * 256, "a\nb"])
+def test_set_referee_refuses_unusable_identities(app: Flask, bad: Any) -> None:
+    with app.test_request_context(), pytest.raises(ValueError, match="stable id"):
+        set_referee(bad)
+
+
+def test_decorator_without_init_app_says_what_to_do() -> None:
+    bare = Flask(__name__)
+
+    @bare.route("/r")
+    @referral_registered
+    def r() -> str:
+        return "x"
+
+    bare.config["PROPAGATE_EXCEPTIONS"] = True
+    with pytest.raises(RuntimeError, match=r"init_app\(app\)"):
+        bare.test_client().get("/r")
+
+
+def test_qualified_needs_an_identity(app: Flask) -> None:
+    from flask_mmolove import player_qualified
+
+    with app.app_context(), pytest.raises(TypeError, match="identity"):
+        player_qualified.send(app)
+
+
+def test_disabled_extension_captures_but_records_nothing(
+    make_portal: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="flask_mmolove")
+    app = make_portal(MMOLOVE_ENABLED=False, MMOLOVE_SERVER_ID=None, MMOLOVE_REFERRAL_SECRET=None)
+    client = app.test_client()
+    assert client.get("/page?mmref=tok").json == {"mmref": "tok"}
+    assert client.post("/register", data={"name": "a"}).status_code == 302
+    assert "MMOLOVE_ENABLED is false" in caplog.text
