@@ -1,0 +1,248 @@
+"""The sandbox as a Flask app: MMOLove's ingest endpoint, share links, log and faults."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Callable
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+from flask import Flask, Response, current_app, jsonify, redirect, render_template, request
+from flask.json.provider import DefaultJSONProvider
+from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response as BaseResponse
+
+from ..protocol import DEFAULT_TOLERANCE, SIGNATURE_HEADER
+from .state import Fault, Reply, SandboxState, fault_from_json
+from .tokens import TOKEN_LIFETIME
+
+EXTENSION_KEY: Final = "mmolove_sandbox"
+INGEST_PATH: Final = "/api/referral/events"
+#: Referral codes are short; a long one is a broken link, and it would push the token
+#: past the 512 characters portals are told to accept.
+_MAX_CODE: Final = 64
+_MAX_BODY: Final = 1024 * 1024
+
+
+class _OrderedJSONProvider(DefaultJSONProvider):
+    # Answers keep the documented key order ({"ok": true, "duplicate": true}).
+    sort_keys = False
+
+
+class _SandboxFlask(Flask):
+    json_provider_class = _OrderedJSONProvider
+
+
+def sandbox_state(app: Flask | None = None) -> SandboxState:
+    """The :class:`SandboxState` behind a sandbox app (default: the current app)."""
+    target = current_app if app is None else app
+    state = target.extensions.get(EXTENSION_KEY)
+    if not isinstance(state, SandboxState):
+        raise RuntimeError("this app was not made by create_sandbox_app()")
+    return state
+
+
+def create_sandbox_app(
+    *,
+    secret: str,
+    server_id: str,
+    registration_url: str,
+    token_key: str | None = None,
+    tolerance: int = DEFAULT_TOLERANCE,
+    clock: Callable[[], float] | None = None,
+) -> Flask:
+    """A Flask app that behaves like MMOLove for one server.
+
+    ``clock`` (default :func:`time.time`) is MMOLove's clock: it judges the replay
+    window, ages tokens and stamps the log. ``token_key`` signs ``mmref`` tokens and by
+    default is derived from ``secret``. The registration URL may be plain http here,
+    for local portals; real MMOLove requires public https.
+    """
+    parts = urlsplit(registration_url) if isinstance(registration_url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"registration_url must be an http(s) URL, got {registration_url!r}")
+    state = SandboxState(
+        secret=secret,
+        server_id=server_id,
+        registration_url=registration_url,
+        token_key=token_key,
+        tolerance=tolerance,
+        clock=clock,
+    )
+    app = _SandboxFlask(__name__)
+    # The secret deliberately stays out of app.config, where debug pages and config
+    # dumps would show it; SECRET_KEY is unused because nothing here needs a session.
+    app.config["MAX_CONTENT_LENGTH"] = _MAX_BODY
+    app.extensions[EXTENSION_KEY] = state
+    app.add_url_rule(INGEST_PATH, "ingest", _ingest, methods=["POST"])
+    app.add_url_rule("/r/<server_id>", "share", _share, methods=["GET"])
+    app.add_url_rule("/", "index", _index, methods=["GET"])
+    app.add_url_rule("/log", "log", _log_page, methods=["GET"])
+    app.add_url_rule("/log.json", "log_json", _log_json, methods=["GET"])
+    app.add_url_rule("/_faults", "faults", _faults, methods=["GET", "POST", "DELETE"])
+    app.add_url_rule("/_state", "state", _state, methods=["GET"])
+    app.add_url_rule("/_reset", "reset", _reset, methods=["POST"])
+    app.register_error_handler(HTTPException, _http_error)
+    return app
+
+
+def _json(status: int, data: Any, headers: dict[str, str] | None = None) -> Response:
+    response = jsonify(data)
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def _http_error(exc: HTTPException) -> Response:
+    return _json(exc.code or 500, {"error": exc.description or exc.name})
+
+
+def _respond(reply: Reply) -> Response:
+    return _json(reply.status, reply.data, dict(reply.headers))
+
+
+def _drop_connection() -> Response:
+    """End the exchange with no HTTP answer at all, as a network failure would."""
+    sock = request.environ.get("werkzeug.socket")
+    if not isinstance(sock, socket.socket):
+        # No socket (e.g. Flask's test client): the closest thing is to fail loudly.
+        raise ConnectionAbortedError("scripted drop: no socket to close outside a server")
+    # Shut down, not close: werkzeug still owns the socket and closes it later. Its
+    # attempt to write the answer then fails with a broken pipe, which it treats as
+    # the client going away, so the sender sees the connection end with no reply.
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    return Response(status=200)
+
+
+def _fault_reply(fault: Fault) -> Response:
+    headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
+    if isinstance(fault.body, str):
+        response = Response(fault.body, status=fault.status, mimetype="text/plain")
+        response.headers.update(headers)
+        return response
+    body = fault.body if fault.body is not None else {"error": f"injected fault {fault.status}"}
+    return _json(fault.status, body, headers)
+
+
+def _ingest() -> Response:
+    state = sandbox_state()
+    raw = request.get_data(cache=True)
+    signature = request.headers.get(SIGNATURE_HEADER)
+    content_type = request.headers.get("Content-Type")
+    fault = state.take_fault()
+    if fault is not None and fault.kind == "status":
+        response = _fault_reply(fault)
+        reply = Reply(response.status_code, response.get_json(silent=True) or {}, "fault_status")
+        state.log_fault(raw, signature, fault, content_type=content_type, reply=reply)
+        return response
+    if fault is not None and fault.kind == "drop" and not fault.after_commit:
+        state.log_fault(raw, signature, fault, content_type=content_type)
+        return _drop_connection()
+    if fault is not None and fault.kind == "delay":
+        state.wait(fault.seconds)
+    lose_answer = fault is not None and fault.kind == "drop"
+    reply = state.ingest(
+        raw, signature, content_type=content_type, fault=fault, answered=not lose_answer
+    )
+    if lose_answer:
+        return _drop_connection()
+    return _respond(reply)
+
+
+def _with_query(url: str, name: str, value: str) -> str:
+    # Appended to the raw query rather than re-encoded, so the portal's own
+    # parameters reach it byte for byte; an old value of the same name is replaced.
+    parts = urlsplit(url)
+    kept = [
+        pair
+        for pair in parts.query.split("&")
+        if pair and pair != name and not pair.startswith(name + "=")
+    ]
+    kept.append(f"{name}={value}")
+    return urlunsplit(parts._replace(query="&".join(kept)))
+
+
+def _share(server_id: str) -> BaseResponse:
+    state = sandbox_state()
+    if server_id != state.server_id:
+        return _json(404, {"error": "unknown server"})
+    code = request.args.get("ref", "").strip()
+    if not code:
+        return _json(400, {"error": "ref is required: /r/<server>?ref=<referral code>"})
+    if len(code) > _MAX_CODE:
+        return _json(400, {"error": f"ref must be at most {_MAX_CODE} characters"})
+    token = state.mint_token(code)
+    response = redirect(_with_query(state.registration_url, "mmref", token), 302)
+    # MMOLove sets this on its own domain; portals cannot read it (protocol.md 4).
+    response.set_cookie(
+        "mmref",
+        token,
+        max_age=TOKEN_LIFETIME,
+        httponly=True,
+        samesite="Lax",
+        secure=request.is_secure,
+    )
+    return response
+
+
+def _index() -> BaseResponse:
+    return redirect("/log")
+
+
+def _short(token: str | None) -> str:
+    if not token:
+        return ""
+    return token if len(token) <= 18 else f"{token[:10]}…{token[-6:]}"
+
+
+def _log_page() -> str:
+    state = sandbox_state()
+    records = state.public_log()
+    share_link = f"{request.host_url}r/{state.server_id}?ref=friend"
+    return render_template(
+        "log.html",
+        records=list(reversed(records)),
+        server_id=state.server_id,
+        endpoint=request.host_url.rstrip("/") + INGEST_PATH,
+        share_link=share_link,
+        accepted=state.accepted_count(),
+        clicks=state.clicks,
+        faults=state.faults,
+        short=_short,
+    )
+
+
+def _log_json() -> Response:
+    return _json(200, sandbox_state().public_log())
+
+
+def _faults() -> Response:
+    state = sandbox_state()
+    if request.method == "DELETE":
+        state.clear_faults()
+        return _json(200, {"ok": True, "faults": []})
+    if request.method == "POST":
+        spec = request.get_json(silent=True)
+        if isinstance(spec, dict) and "faults" in spec:
+            spec = spec["faults"]
+        specs = spec if isinstance(spec, list) else [spec]
+        try:
+            # All or nothing: a half-scripted fault plan would mislead the test using it.
+            faults = [fault_from_json(item) for item in specs]
+        except ValueError as exc:
+            return _json(400, {"error": str(exc)})
+        state.add_faults(faults)
+    return _json(200, {"ok": True, "faults": state.faults})
+
+
+def _state() -> Response:
+    state = sandbox_state()
+    return _json(200, state.scrub(state.snapshot()))
+
+
+def _reset() -> Response:
+    sandbox_state().reset()
+    return _json(200, {"ok": True})
