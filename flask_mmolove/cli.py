@@ -139,7 +139,7 @@ def sandbox_command(ctx: click.Context) -> None:
     --secret and --server-id default to this app's settings, so the portal can point
     MMOLOVE_ENDPOINT at it unchanged.
     """
-    from .sandbox.__main__ import main
+    from .sandbox.command import main
 
     settings = _get_state().settings
     args = list(ctx.args)

@@ -90,10 +90,12 @@ def _dispatch(state: _State, event_ids: list[int]) -> None:
 def _write(state: _State, write: Callable[[], int | None]) -> None:
     """Run an outbox write now, or with the request's response if there is one.
 
-    Inside a request the write waits for ``after_request`` and happens only if the
-    response is a success: an event caused by a request that failed is never sent.
+    Inside a request being dispatched the write waits for ``after_request`` and happens
+    only if the response is a success: an event caused by a request that failed is
+    never sent. Anywhere else (a CLI command, a job, a bare ``test_request_context``
+    that no response will ever close) it happens at once.
     """
-    if has_request_context():
+    if has_request_context() and g.get("_mmolove_dispatching"):
         g.setdefault("_mmolove_writes", []).append(write)
         return
     event_id = write()
@@ -102,6 +104,7 @@ def _write(state: _State, write: Callable[[], int | None]) -> None:
 
 def _before_request() -> None:
     state = _get_state()
+    g._mmolove_dispatching = True
     capture.capture(state.settings.capture)
     if state.background is not None:
         state.background.ensure_running()
@@ -279,6 +282,10 @@ class MMOLove:
         app.extensions[EXTENSION_KEY] = _State(settings, outbox, deliverer, background)
         app.before_request(_before_request)
         app.after_request(_after_request)
+        # cli.py is built on this module, so it is imported here, not at the top.
+        from .cli import mmolove_group
+
+        app.cli.add_command(mmolove_group)
 
     def qualify(
         self,

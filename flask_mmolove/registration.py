@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
-from flask import current_app, g, has_app_context, make_response
+from flask import current_app, g, has_app_context, make_response, request
 from flask.typing import ResponseReturnValue
 
 from .extension import _get_state, normalize_identity, record_qualification, record_registration
@@ -38,6 +38,9 @@ def _flask_login_identity() -> object:
     try:
         from flask_login import current_user
     except ImportError:
+        return None
+    # Installed is not in use: only an app with a LoginManager has a current_user.
+    if getattr(current_app, "login_manager", None) is None:
         return None
     if current_user and getattr(current_user, "is_authenticated", False):
         return current_user.get_id()
@@ -79,7 +82,10 @@ def referral_registered(
             response = make_response(current_app.ensure_sync(func)(*args, **kwargs))
             if 200 <= response.status_code < 400 and g.get("mmref") is not None:
                 referee = _resolve_identity(identity)
-                if referee is None:
+                if referee is None and request.method in ("GET", "HEAD", "OPTIONS"):
+                    # Showing the form: no account exists yet, so no identity either.
+                    logger.debug("%s: mmref pending, no account yet", func.__qualname__)
+                elif referee is None:
                     logger.warning(
                         "%s returned %d with an mmref pending but no referee identity: call "
                         "set_referee(user.id) in the view once the account exists, or use "
