@@ -39,6 +39,8 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
+from .protocol import EVENTS
+
 __all__ = [
     "DEAD",
     "DELIVERED",
@@ -272,9 +274,28 @@ def _clip(value: str | None, limit: int) -> str | None:
     return value if len(value) <= limit else value[: limit - 1] + "…"
 
 
+def _time(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ValueError(f"{name} must be unix seconds, got {value!r}")
+    return float(value)
+
+
 def _positive(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def _owner(value: object) -> str:
+    # Not trimmed, unlike the event's fields: an owner is compared verbatim later.
+    if not isinstance(value, str) or not value.strip() or len(value) > OWNER_MAX:
+        raise ValueError(f"owner must be a non-blank string of at most {OWNER_MAX} characters")
+    return value
+
+
+def _limit(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"limit must be a whole number of at least 1, got {value!r}")
+    return value
 
 
 # --- the outbox -------------------------------------------------------------------
@@ -483,9 +504,12 @@ class Outbox:
     def _event_values(
         self, *, event: str, token: str, identity: str, server_event_id: str, body: bytes
     ) -> dict[str, Any]:
+        event = _text("event", event, EVENT_MAX)
+        if event not in EVENTS:
+            raise ValueError(f"event must be one of {', '.join(EVENTS)}, got {event!r}")
         now = self.clock()
         return {
-            "event": _text("event", event, EVENT_MAX),
+            "event": event,
             "token": _text("token", token, TOKEN_MAX),
             "identity": _text("identity", identity, IDENTITY_MAX),
             "server_event_id": _text("server_event_id", server_event_id, SERVER_EVENT_ID_MAX),
@@ -552,9 +576,8 @@ class Outbox:
         one early, :meth:`requeue` it first). Each claim counts as an attempt.
         ``owner`` must be unique per claimer (host, pid and a random part).
         """
-        owner = _text("owner", owner, OWNER_MAX)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"limit must be a whole number of at least 1, got {limit!r}")
+        owner = _owner(owner)
+        limit = _limit(limit)
         _positive("lease", lease)
         if ids is not None:
             ids = [int(i) for i in ids]
@@ -675,7 +698,7 @@ class Outbox:
         return self._settle(
             event_id,
             owner,
-            next_attempt_at=at,
+            next_attempt_at=_time("at", at),
             last_status=status,
             last_reason=_clip(reason, REASON_MAX),
             last_error=_clip(error, TEXT_MAX),
@@ -765,32 +788,48 @@ class Outbox:
     def stats(self) -> Stats:
         e, c = self.events, self.credits
         now = self.clock()
+        # One statement for the events, so that on PostgreSQL (a snapshot per
+        # statement) the counts agree with each other.
+        query = sa.select(
+            e.c.state,
+            sa.func.count(),
+            sa.func.sum(sa.case((e.c.lease_until > now, 1), else_=0)),
+            sa.func.min(e.c.created_at),
+        ).group_by(e.c.state)
+        counts: dict[str, int] = {}
+        in_flight = 0
+        oldest: float | None = None
         with self._transaction(read_only=True) as conn:
-            counts = {
-                str(state): int(n)
-                for state, n in conn.execute(
-                    sa.select(e.c.state, sa.func.count()).group_by(e.c.state)
-                )
-            }
-            in_flight = conn.execute(
-                sa.select(sa.func.count())
-                .select_from(e)
-                .where(e.c.state == PENDING, e.c.lease_until > now)
-            ).scalar_one()
-            oldest = conn.execute(
-                sa.select(sa.func.min(e.c.created_at)).where(e.c.state == PENDING)
-            ).scalar_one_or_none()
+            for state, n, leased, first in conn.execute(query):
+                counts[str(state)] = int(n)
+                if state == PENDING:
+                    in_flight, oldest = int(leased or 0), float(first)
             unnotified = conn.execute(
                 sa.select(sa.func.count()).select_from(c).where(c.c.notified_at.is_(None))
             ).scalar_one()
         return Stats(
-            pending=counts.get(PENDING, 0) - int(in_flight),
-            in_flight=int(in_flight),
+            pending=counts.get(PENDING, 0) - in_flight,
+            in_flight=in_flight,
             delivered=counts.get(DELIVERED, 0),
             dead=counts.get(DEAD, 0),
-            oldest_pending_age=None if oldest is None else max(0.0, now - float(oldest)),
+            oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
             credits_unnotified=int(unnotified),
         )
+
+    def purge(self, *, before: float) -> int:
+        """Delete delivered events delivered before ``before``; return how many.
+
+        Dead and pending events are never purged, and credits and first-touch bindings
+        are kept whatever happens to the events that made them.
+        """
+        e = self.events
+        with self._transaction() as conn:
+            done = conn.execute(
+                sa.delete(e).where(
+                    e.c.state == DELIVERED, e.c.delivered_at < _time("before", before)
+                )
+            )
+            return int(done.rowcount)
 
     def list_events(
         self, *, state: str | None = None, limit: int = 50, offset: int = 0
@@ -845,9 +884,8 @@ class Outbox:
         Announce each, then :meth:`finish_credit`; if announcing failed,
         :meth:`release_credit`. A lease that runs out makes the credit claimable again.
         """
-        owner = _text("owner", owner, OWNER_MAX)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"limit must be a whole number of at least 1, got {limit!r}")
+        owner = _owner(owner)
+        limit = _limit(limit)
         _positive("lease", lease)
         c = self.credits
         now = self.clock()
@@ -916,7 +954,9 @@ class Outbox:
                 .where(
                     c.c.identity == identity, c.c.lease_owner == owner, c.c.notified_at.is_(None)
                 )
-                .values(lease_owner=None, lease_until=None, next_attempt_at=retry_at)
+                .values(
+                    lease_owner=None, lease_until=None, next_attempt_at=_time("retry_at", retry_at)
+                )
             )
             return done.rowcount == 1
 

@@ -251,6 +251,8 @@ def test_enqueue_rejects_what_cannot_be_stored(outbox: Outbox) -> None:
         outbox.enqueue(body=b"{}", **{**good, "token": "x" * 513})
     with pytest.raises(ValueError, match="identity"):
         outbox.enqueue(body=b"{}", **{**good, "identity": "x" * 256})
+    with pytest.raises(ValueError, match="event must be one of"):
+        outbox.enqueue(body=b"{}", **{**good, "event": "signup"})
     assert outbox.enqueue(body=b"{}", **{**good, "token": "x" * 512, "identity": "y" * 255}) > 0
 
 
@@ -592,6 +594,21 @@ def test_list_and_get(outbox: Outbox, clock: FakeClock) -> None:
     assert b"body" not in repr(event).encode()
     assert "body=" not in repr(event)
     assert outbox.get(10_000) is None
+
+
+def test_purge_removes_only_old_deliveries(outbox: Outbox, clock: FakeClock) -> None:
+    old, recent, dead, pending = (_enqueue(outbox, n, event="qualified") for n in range(4))
+    outbox.claim("a", limit=3, lease=30)
+    assert outbox.complete(old, "a", status=200, response="", outcome="advanced", credit=True)
+    assert outbox.dead_letter(dead, "a", status=404, reason="not_found", error="")
+    clock.advance(100)
+    assert _accept(outbox, recent, "a")
+    assert outbox.purge(before=T0 + 50) == 1
+    assert outbox.get(old) is None
+    assert [e.id for e in outbox.list_events()] == [pending, dead, recent]
+    # The credit the purged event earned is still owed.
+    [credit] = outbox.claim_credits("a", limit=5, lease=30)
+    assert credit.event_id == old
 
 
 # --- concurrency ----------------------------------------------------------------------
