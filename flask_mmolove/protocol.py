@@ -99,7 +99,7 @@ def build_body(
 
 # --- signatures -------------------------------------------------------------------
 
-_KEY_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}", re.ASCII)
+KEY_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}", re.ASCII)
 _T = re.compile(r"[1-9][0-9]{0,17}", re.ASCII)
 _HEX = re.compile(r"[0-9a-f]{64}", re.ASCII)
 _FIELD_NAME = re.compile(r"[a-z][a-z0-9]{0,15}", re.ASCII)
@@ -148,7 +148,7 @@ def sign_referral_body(
         raise ValueError(f"t must be a positive whole number of unix seconds, got {t!r}")
     header = f"t={t},v1=sha256={_mac(secret, t, raw)}"
     if key_id is not None:
-        if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
+        if not isinstance(key_id, str) or not KEY_ID_PATTERN.fullmatch(key_id):
             raise ValueError("key_id must be 1-128 characters of A-Z a-z 0-9 . _ : -")
         header += f",kid={key_id}"
     return header
@@ -192,7 +192,7 @@ def parse_signature_header(header: str) -> ParsedSignature:
                 raise MalformedSignatureError("v1 must carry 64 lower-case hex digits")
             macs.append(digest)
         elif name == "kid":
-            if key_id is not None or not _KEY_ID.fullmatch(value):
+            if key_id is not None or not KEY_ID_PATTERN.fullmatch(value):
                 raise MalformedSignatureError("signature header has a malformed kid")
             key_id = value
         # Other well-formed fields are ignored: the docs leave room for new schemes.

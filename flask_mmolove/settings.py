@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from flask import Flask
 
 from .capture import CaptureSettings
-from .protocol import DEFAULT_ENDPOINT
+from .protocol import DEFAULT_ENDPOINT, KEY_ID_PATTERN
 
 DELIVERY_MODES: Final = ("thread", "worker", "inline")
 _NINETY_DAYS: Final = 90 * 24 * 3600
@@ -154,6 +154,10 @@ def load_settings(app: Flask) -> Settings:
         )
 
     key_id = _text(config, "MMOLOVE_KEY_ID")
+    if key_id is not None and not KEY_ID_PATTERN.fullmatch(key_id):
+        raise ConfigurationError(
+            "MMOLOVE_KEY_ID must be 1-128 characters of A-Z a-z 0-9 . _ : - (or None)"
+        )
     cookie_max_age = _whole(config, "MMOLOVE_COOKIE_MAX_AGE")
     if cookie_max_age > _NINETY_DAYS:
         raise ConfigurationError(
