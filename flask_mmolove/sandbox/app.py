@@ -20,7 +20,7 @@ from .tokens import TOKEN_LIFETIME
 EXTENSION_KEY: Final = "mmolove_sandbox"
 INGEST_PATH: Final = "/api/referral/events"
 #: Referral codes are short; a long one is a broken link, and it would push the token
-#: past the 512 characters portals are told to accept.
+#: past the 512 characters flask_mmolove.capture accepts.
 _MAX_CODE: Final = 64
 _MAX_BODY: Final = 1024 * 1024
 
@@ -235,7 +235,7 @@ def _faults() -> Response:
         except ValueError as exc:
             return _json(400, {"error": str(exc)})
         state.add_faults(faults)
-    return _json(200, {"ok": True, "faults": state.faults})
+    return _json(200, {"ok": True, "faults": state.scrub(state.faults)})
 
 
 def _state() -> Response:

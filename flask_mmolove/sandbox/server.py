@@ -154,10 +154,13 @@ class SandboxServer:
         if server is None or thread is None:
             return
         self._server = self._thread = None
-        self.state.wake()
         server.shutdown()
         thread.join(_JOIN_TIMEOUT)
-        for request_thread in self._connections.close():
+        # Sockets first, then wake any request held by a delay: it then finds its
+        # connection gone, as a client would when MMOLove goes down mid-request.
+        request_threads = self._connections.close()
+        self.state.wake()
+        for request_thread in request_threads:
             request_thread.join(_JOIN_TIMEOUT)
         # serve_forever closes the listening socket on its way out; this covers a
         # loop that never ran.
