@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -149,6 +150,28 @@ def test_sqlite_write_transactions_take_the_lock_up_front(tmp_path: Path) -> Non
                 other.dispose()
     finally:
         engine.dispose()
+
+
+def test_sqlite_reads_do_not_wait_for_a_writer(tmp_path: Path, clock: FakeClock) -> None:
+    url = f"sqlite:///{tmp_path / 'busy.sqlite3'}"
+    engine, writer = make_engine(url), make_engine(url)
+    box = Outbox(engine, clock=clock)
+    try:
+        box.create_all()
+        event_id = _enqueue(box)
+        with writer.connect() as conn, conn.begin():
+            conn.execute(box.events.update().values(attempts=7))
+            started = time.monotonic()
+            # WAL readers see the last commit while another connection holds the lock.
+            event = box.get(event_id)
+            assert event is not None
+            assert event.attempts == 0
+            assert box.stats().pending == 1
+            assert box.next_due_at() == T0
+            assert time.monotonic() - started < 5
+    finally:
+        box.dispose()
+        writer.dispose()
 
 
 def test_in_memory_sqlite_is_shared_by_threads(clock: FakeClock) -> None:
