@@ -135,12 +135,14 @@ def _sqlite_engine(url: URL) -> Engine:
     uri_mode = database.startswith("file:") or url.query.get("uri") == "true"
     if not memory and not uri_mode:
         Path(database).parent.mkdir(parents=True, exist_ok=True)
-    kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}
+    # A ?timeout= in the URL is the driver's own knob; honour it rather than override it.
+    timeout = float(str(url.query["timeout"])) if "timeout" in url.query else SQLITE_BUSY_TIMEOUT
+    kwargs: dict[str, Any] = {"connect_args": {"timeout": timeout}}
     if memory:
         # Every new connection to ":memory:" is a new, empty database, so all threads
         # must share one: a pool of exactly one, handed to one thread at a time.
         kwargs = {
-            "connect_args": {"timeout": SQLITE_BUSY_TIMEOUT, "check_same_thread": False},
+            "connect_args": {"timeout": timeout, "check_same_thread": False},
             "poolclass": QueuePool,
             "pool_size": 1,
             "max_overflow": 0,
@@ -153,7 +155,7 @@ def _sqlite_engine(url: URL) -> Engine:
         cursor = dbapi_connection.cursor()
         try:
             # busy_timeout first: switching to WAL needs a lock another process may hold.
-            cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT * 1000)}")
+            cursor.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
             if not memory:
                 cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA foreign_keys = ON")
@@ -1001,10 +1003,10 @@ class Outbox:
             )
         if "database is locked" in reason:
             return OutboxError(
-                f"the SQLite outbox {self._url()} stayed locked for more than "
-                f"{SQLITE_BUSY_TIMEOUT:g} s: another process holds a long write "
-                "transaction on it (or the file is on a network filesystem, where SQLite "
-                "locking does not work)"
+                f"the SQLite outbox {self._url()} stayed locked past its busy timeout "
+                f"(default {SQLITE_BUSY_TIMEOUT:g} s): another connection holds a long "
+                "write transaction on it, or the file is on a network filesystem, where "
+                "SQLite locking does not work"
             )
         if exc.connection_invalidated:
             return OutboxError(

@@ -130,26 +130,22 @@ def test_sqlite_engine_creates_directory_and_sets_pragmas(tmp_path: Path) -> Non
 
 
 def test_sqlite_write_transactions_take_the_lock_up_front(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'lock.sqlite3'}")
+    url = f"sqlite:///{tmp_path / 'lock.sqlite3'}"
+    engine, impatient = make_engine(url), make_engine(f"{url}?timeout=0.2")
+    box = Outbox(engine)
     try:
+        box.create_all()
         with engine.connect() as conn, conn.begin():
-            # BEGIN IMMEDIATE holds the write lock before the first write; a deferred
-            # BEGIN would not be "in a transaction" yet at the driver level.
-            assert conn.connection.dbapi_connection is not None
-            assert conn.connection.dbapi_connection.in_transaction
-            other = make_engine(f"sqlite:///{tmp_path / 'lock.sqlite3'}?timeout=0.1")
-            try:
-                raw = other.raw_connection()
-                try:
-                    raw.driver_connection.execute("PRAGMA busy_timeout = 100")  # type: ignore[union-attr]
-                    with pytest.raises(Exception, match="locked"):
-                        raw.driver_connection.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
-                finally:
-                    raw.close()
-            finally:
-                other.dispose()
+            # No statement has run yet, but BEGIN IMMEDIATE already holds the write
+            # lock: a second writer waits its busy timeout, then gets a clear error.
+            started = time.monotonic()
+            with pytest.raises(OutboxError, match="stayed locked past its busy timeout"):
+                _enqueue(Outbox(impatient))
+            assert 0.15 < time.monotonic() - started < 5
+        assert _enqueue(Outbox(impatient)) == 1
     finally:
         engine.dispose()
+        impatient.dispose()
 
 
 def test_sqlite_reads_do_not_wait_for_a_writer(tmp_path: Path, clock: FakeClock) -> None:
