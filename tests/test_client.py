@@ -159,24 +159,16 @@ def closed_port() -> int:
     return port
 
 
-@pytest.fixture
-def client(mmolove_sandbox: SandboxServer) -> Iterator[ReferralClient]:
-    with ReferralClient(
-        mmolove_sandbox.server_id, mmolove_sandbox.secret, mmolove_sandbox.endpoint
-    ) as referral_client:
-        yield referral_client
-
-
 # --- each outcome, through the SDK-shaped methods -----------------------------------
 
 
 def test_registered_then_qualified_advance(
-    mmolove_sandbox: SandboxServer, client: ReferralClient
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
 ) -> None:
     token = mmolove_sandbox.mint_token("friend")
     referral_id = mmolove_sandbox.referrals[token].referral_id
 
-    result = client.registered(token, referee_identity="7842", server_event_id="reg-7842")
+    result = mmolove_client.registered(token, referee_identity="7842", server_event_id="reg-7842")
     assert isinstance(result, SendResult)
     assert (result.status, result.ok, result.outcome) == (200, True, Outcome.ADVANCED)
     assert result.data == {"ok": True, "referral_id": referral_id, "state": "registered"}
@@ -185,7 +177,7 @@ def test_registered_then_qualified_advance(
     assert mmolove_sandbox.referrals[token].state == "registered"
     assert mmolove_sandbox.referrals[token].referee_identity == "7842"
 
-    result = client.qualified(token, server_event_id="qual-7842")
+    result = mmolove_client.qualified(token, server_event_id="qual-7842")
     assert (result.status, result.ok, result.outcome) == (200, True, Outcome.ADVANCED)
     assert result.data == {"ok": True, "referral_id": referral_id, "state": "qualified"}
     assert mmolove_sandbox.referrals[token].state == "qualified"
@@ -194,10 +186,10 @@ def test_registered_then_qualified_advance(
     assert [r.verdict for r in mmolove_sandbox.events] == ["advanced", "advanced"]
 
 
-def test_duplicate(mmolove_sandbox: SandboxServer, client: ReferralClient) -> None:
+def test_duplicate(mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient) -> None:
     token = mmolove_sandbox.mint_token()
-    first = client.registered(token, referee_identity="p-1", server_event_id="reg-1")
-    again = client.registered(token, referee_identity="p-1", server_event_id="reg-1")
+    first = mmolove_client.registered(token, referee_identity="p-1", server_event_id="reg-1")
+    again = mmolove_client.registered(token, referee_identity="p-1", server_event_id="reg-1")
     assert first.outcome is Outcome.ADVANCED
     assert (again.status, again.ok, again.outcome) == (200, True, Outcome.DUPLICATE)
     assert again.data == {"ok": True, "duplicate": True}
@@ -205,44 +197,50 @@ def test_duplicate(mmolove_sandbox: SandboxServer, client: ReferralClient) -> No
     assert mmolove_sandbox.accepted_posts(token, "registered") == 2
 
 
-def test_first_touch_conflict(mmolove_sandbox: SandboxServer, client: ReferralClient) -> None:
+def test_first_touch_conflict(
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
+) -> None:
     first = mmolove_sandbox.mint_token("alice")
     second = mmolove_sandbox.mint_token("bob")
-    assert client.registered(first, referee_identity="p-9", server_event_id="r1").ok
-    result = client.registered(second, referee_identity="p-9", server_event_id="r2")
+    assert mmolove_client.registered(first, referee_identity="p-9", server_event_id="r1").ok
+    result = mmolove_client.registered(second, referee_identity="p-9", server_event_id="r2")
     assert (result.status, result.ok, result.outcome) == (200, True, Outcome.FIRST_TOUCH_CONFLICT)
     assert result.data == {"ok": True, "ignored": "first_touch_conflict"}
     assert mmolove_sandbox.referrals[first].referee_identity == "p-9"
     assert mmolove_sandbox.referrals[second].state == "clicked"
 
 
-def test_dry_run(mmolove_sandbox: SandboxServer, client: ReferralClient) -> None:
+def test_dry_run(mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient) -> None:
     token = mmolove_sandbox.mint_token()
-    result = client.registered(token, referee_identity="p-1", server_event_id="test-1", test=True)
+    result = mmolove_client.registered(
+        token, referee_identity="p-1", server_event_id="test-1", test=True
+    )
     assert (result.status, result.ok, result.outcome) == (200, True, Outcome.TEST)
     assert result.data == {"ok": True, "test": True}
     assert json.loads(last(mmolove_sandbox).body)["test"] is True
     assert mmolove_sandbox.accepted_count() == 0
     assert mmolove_sandbox.referrals[token].state == "clicked"
-    result = client.qualified(token, server_event_id="test-2", test=True)
+    result = mmolove_client.qualified(token, server_event_id="test-2", test=True)
     assert result.outcome is Outcome.TEST
 
 
 def test_undocumented_200_shape_is_accepted(
-    mmolove_sandbox: SandboxServer, client: ReferralClient
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
 ) -> None:
     mmolove_sandbox.fail_next(status=200, body={"ok": True, "something": "new"})
-    result = client.qualified(mmolove_sandbox.mint_token(), server_event_id="q-1")
+    result = mmolove_client.qualified(mmolove_sandbox.mint_token(), server_event_id="q-1")
     assert (result.status, result.ok, result.outcome) == (200, True, Outcome.ACCEPTED)
     assert result.data == {"ok": True, "something": "new"}
 
 
 def test_send_with_extras_and_reversed(
-    mmolove_sandbox: SandboxServer, client: ReferralClient
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
 ) -> None:
     token = mmolove_sandbox.mint_token()
-    assert client.registered(token, referee_identity="p", server_event_id="r").ok
-    result = client.send("reversed", token, server_event_id="rev-1", ts=123, extra={"why": "x"})
+    assert mmolove_client.registered(token, referee_identity="p", server_event_id="r").ok
+    result = mmolove_client.send(
+        "reversed", token, server_event_id="rev-1", ts=123, extra={"why": "x"}
+    )
     assert (result.status, result.outcome) == (200, Outcome.ADVANCED)
     assert last(mmolove_sandbox).body == (
         b'{"event":"reversed","token":"'
@@ -264,8 +262,10 @@ def assert_not_ok(result: SendResult, status: int) -> None:
     assert result.outcome is None
 
 
-def test_qualified_first_is_422(mmolove_sandbox: SandboxServer, client: ReferralClient) -> None:
-    result = client.qualified(mmolove_sandbox.mint_token(), server_event_id="q-1")
+def test_qualified_first_is_422(
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
+) -> None:
+    result = mmolove_client.qualified(mmolove_sandbox.mint_token(), server_event_id="q-1")
     assert_not_ok(result, 422)
     assert result.data == {
         "error": "qualified before registered: send registered first",
@@ -274,17 +274,19 @@ def test_qualified_first_is_422(mmolove_sandbox: SandboxServer, client: Referral
     assert classify(result.status).action is Action.DEAD
 
 
-def test_unknown_token_is_404(mmolove_sandbox: SandboxServer, client: ReferralClient) -> None:
-    result = client.registered("not-a-token", referee_identity="p", server_event_id="r")
+def test_unknown_token_is_404(
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
+) -> None:
+    result = mmolove_client.registered("not-a-token", referee_identity="p", server_event_id="r")
     assert_not_ok(result, 404)
     assert classify(result.status).reason == "not_found"
 
 
 def test_token_of_another_server_is_404(
-    mmolove_sandbox: SandboxServer, client: ReferralClient
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
 ) -> None:
     token = mmolove_sandbox.mint_token("friend", server_id="someone-else")
-    assert_not_ok(client.registered(token, referee_identity="p", server_event_id="r"), 404)
+    assert_not_ok(mmolove_client.registered(token, referee_identity="p", server_event_id="r"), 404)
 
 
 def test_wrong_secret_is_401(mmolove_sandbox: SandboxServer) -> None:
@@ -310,10 +312,10 @@ def test_unknown_server_id_is_404(mmolove_sandbox: SandboxServer) -> None:
 
 @pytest.mark.parametrize("status", [400, 500, 502, 503])
 def test_server_errors_are_results_with_headers(
-    mmolove_sandbox: SandboxServer, client: ReferralClient, status: int
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient, status: int
 ) -> None:
     mmolove_sandbox.fail_next(status=status, retry_after=7)
-    result = client.registered(
+    result = mmolove_client.registered(
         mmolove_sandbox.mint_token(), referee_identity="p", server_event_id="r"
     )
     assert_not_ok(result, status)
@@ -326,9 +328,9 @@ def test_server_errors_are_results_with_headers(
         assert decision.action is Action.DEAD
 
 
-def test_text_error_body(mmolove_sandbox: SandboxServer, client: ReferralClient) -> None:
+def test_text_error_body(mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient) -> None:
     mmolove_sandbox.fail_next(status=503, body="upstream down")
-    result = client.qualified(mmolove_sandbox.mint_token(), server_event_id="q")
+    result = mmolove_client.qualified(mmolove_sandbox.mint_token(), server_event_id="q")
     assert_not_ok(result, 503)
     assert result.body == "upstream down"
     assert result.data is None
@@ -355,17 +357,17 @@ def test_headers_are_case_insensitive() -> None:
 
 
 def test_recorded_body_is_the_built_body_and_verifies(
-    mmolove_sandbox: SandboxServer, client: ReferralClient
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
 ) -> None:
     token = mmolove_sandbox.mint_token()
-    body = client.body(
+    body = mmolove_client.body(
         "registered",
         token,
         referee_identity="  Ünïcødé player 😀 ",
         server_event_id="reg-ü",
         extra={"portal": "Ψ", "level": 3},
     )
-    result = client.send_body(body)
+    result = mmolove_client.send_body(body)
     assert result.outcome is Outcome.ADVANCED
     record = last(mmolove_sandbox)
     assert record.body == body  # the very bytes built were signed and sent
@@ -381,11 +383,11 @@ def test_recorded_body_is_the_built_body_and_verifies(
 
 
 def test_registered_sends_exactly_build_body(
-    mmolove_sandbox: SandboxServer, client: ReferralClient
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
 ) -> None:
     token = mmolove_sandbox.mint_token()
     before = int(time.time())
-    client.registered(token, referee_identity="p-1", server_event_id="reg-1")
+    mmolove_client.registered(token, referee_identity="p-1", server_event_id="reg-1")
     after = int(time.time())
     record = last(mmolove_sandbox)
     ts = json.loads(record.body)["ts"]
@@ -401,9 +403,11 @@ def test_registered_sends_exactly_build_body(
     )
 
 
-def test_explicit_ts_is_sent(mmolove_sandbox: SandboxServer, client: ReferralClient) -> None:
+def test_explicit_ts_is_sent(
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
+) -> None:
     token = mmolove_sandbox.mint_token()
-    client.registered(token, referee_identity="p", server_event_id="r", ts=1_600_000_000)
+    mmolove_client.registered(token, referee_identity="p", server_event_id="r", ts=1_600_000_000)
     assert json.loads(last(mmolove_sandbox).body)["ts"] == 1_600_000_000
     # ts is the event's time, t the signing time: an old ts is not a stale signature.
     assert last(mmolove_sandbox).verdict == "advanced"
@@ -420,14 +424,16 @@ def test_key_id_travels_in_the_header(mmolove_sandbox: SandboxServer) -> None:
 
 
 def test_each_send_is_signed_afresh_over_the_same_bytes(
-    mmolove_sandbox: SandboxServer, client: ReferralClient
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
 ) -> None:
-    body = client.body("qualified", mmolove_sandbox.mint_token(), server_event_id="q", test=True)
-    first = client.send_body(body)
+    body = mmolove_client.body(
+        "qualified", mmolove_sandbox.mint_token(), server_event_id="q", test=True
+    )
+    first = mmolove_client.send_body(body)
     start = int(time.time())
     while int(time.time()) == start:  # at most a second: t has one-second resolution
         time.sleep(0.02)
-    second = client.send_body(body)
+    second = mmolove_client.send_body(body)
     assert first.outcome is second.outcome is Outcome.TEST
     one, two = mmolove_sandbox.events[-2:]
     assert one.body == two.body == body
@@ -554,11 +560,13 @@ def test_requests_reuse_one_connection() -> None:
 
 
 def test_one_session_one_pool_against_the_sandbox(
-    mmolove_sandbox: SandboxServer, client: ReferralClient
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
 ) -> None:
     for n in range(3):
-        assert client.qualified(mmolove_sandbox.mint_token(), server_event_id=f"q{n}", test=True).ok
-    adapter = client._session.get_adapter(client.endpoint)
+        assert mmolove_client.qualified(
+            mmolove_sandbox.mint_token(), server_event_id=f"q{n}", test=True
+        ).ok
+    adapter = mmolove_client._session.get_adapter(mmolove_client.endpoint)
     # urllib3's RecentlyUsedContainer refuses plain iteration; keys() is its API.
     pool_keys = adapter.poolmanager.pools.keys()
     pools = [adapter.poolmanager.pools[key] for key in pool_keys]
