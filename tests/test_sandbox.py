@@ -24,6 +24,7 @@ from flask_mmolove.sandbox import (
     TokenMinter,
     create_sandbox_app,
     derive_token_key,
+    sandbox_state,
 )
 
 Factory = Callable[..., SandboxServer]
@@ -827,3 +828,27 @@ def test_command_line_requires_a_secret(capsys: pytest.CaptureFixture[str]) -> N
         main(["--server-id", "x", "--registration-url", "http://p.test/"], env={})
     assert exit_info.value.code == 2
     assert "MMOLOVE_REFERRAL_SECRET" in capsys.readouterr().err
+
+
+def test_app_works_in_process_with_the_flask_test_client() -> None:
+    app = create_sandbox_app(
+        secret="in-process-secret", server_id="srv", registration_url="http://p.test/"
+    )
+    app.testing = True
+    state = sandbox_state(app)
+    body = encode(
+        {
+            "event": "qualified",
+            "token": state.mint_token(),
+            "server_id": "srv",
+            "server_event_id": "q",
+        }
+    )
+    headers = {SIGNATURE_HEADER: sign_referral_body("in-process-secret", body)}
+    client = app.test_client()
+    assert client.post("/api/referral/events", data=body, headers=headers).status_code == 422
+    assert client.get("/").headers["Location"] == "/log"
+    # Without a socket there is no connection to drop: the request fails loudly instead.
+    state.drop_next(1)
+    with pytest.raises(ConnectionAbortedError):
+        client.post("/api/referral/events", data=body, headers=headers)

@@ -135,8 +135,15 @@ def _ingest() -> Response:
     fault = state.take_fault()
     if fault is not None and fault.kind == "status":
         response = _fault_reply(fault)
-        reply = Reply(response.status_code, response.get_json(silent=True) or {}, "fault_status")
-        state.log_fault(raw, signature, fault, content_type=content_type, reply=reply)
+        answered = response.get_json(silent=True)
+        state.log_fault(
+            raw,
+            signature,
+            fault,
+            content_type=content_type,
+            status=response.status_code,
+            response=answered if isinstance(answered, dict) else None,
+        )
         return response
     if fault is not None and fault.kind == "drop" and not fault.after_commit:
         state.log_fault(raw, signature, fault, content_type=content_type)

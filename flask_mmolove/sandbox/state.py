@@ -430,18 +430,19 @@ class SandboxState:
         fault: Fault,
         *,
         content_type: str | None = None,
-        reply: Reply | None = None,
+        status: int | None = None,
+        response: dict[str, Any] | None = None,
     ) -> None:
-        """Log a request a fault answered (``reply``) or dropped (None) unhandled."""
+        """Log a request a fault answered with ``status`` or, with None, dropped unhandled."""
         with self._lock:
             self._append(
                 self.clock(),
                 raw,
                 signature,
                 content_type,
-                status=reply.status if reply else None,
-                verdict="fault_status" if reply else "dropped",
-                response=reply.data if reply else None,
+                status=status,
+                verdict="dropped" if status is None else "fault_status",
+                response=response,
                 fault=fault.label,
                 committed=False,
             )
