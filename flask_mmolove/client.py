@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+from requests.structures import CaseInsensitiveDict
 
 from . import __version__
 from .protocol import (
@@ -153,7 +154,7 @@ class ReferralClient:
             status=response.status_code,
             body=text,
             outcome=outcome_of(parse_json_object(text)) if ok else None,
-            headers=dict(response.headers),
+            headers=CaseInsensitiveDict(response.headers),
             elapsed=elapsed,
         )
 

@@ -592,6 +592,7 @@ class Outbox:
             e.c.state == PENDING,
             e.c.next_attempt_at <= now,
             sa.or_(e.c.lease_until.is_(None), e.c.lease_until <= now),
+            ~self._waits_for_older(),
         )
         query = sa.select(e.c.id).where(due).order_by(e.c.next_attempt_at, e.c.id).limit(limit)
         if ids is not None:
@@ -618,6 +619,20 @@ class Outbox:
             ).all()
         order = {event_id: n for n, event_id in enumerate(chosen)}
         return sorted((self._event(row) for row in rows), key=lambda ev: order[ev.id])
+
+    def _waits_for_older(self) -> sa.Exists:
+        """True for an event while an earlier event of its token is still pending.
+
+        One token's events go in the order they were written: a ``qualified`` sent
+        while its ``registered`` is undelivered would be refused with a 422.
+        """
+        e = self.events
+        older = e.alias("older")
+        return (
+            sa.exists()
+            .where(older.c.token == e.c.token, older.c.state == PENDING, older.c.id < e.c.id)
+            .correlate(e)
+        )
 
     @staticmethod
     def _locking(conn: Connection, query: sa.Select[Any]) -> sa.Select[Any]:
@@ -774,12 +789,16 @@ class Outbox:
         """When something next needs doing: the earliest due time (or lease expiry) of a
         pending event or an unannounced credit; None when there is nothing at all.
 
-        A time in the past means "now". A deliverer may sleep until then.
+        A time in the past means "now". A deliverer may sleep until then. An event
+        waiting for an earlier one of its token does not count: it becomes due when that
+        one is settled, by the deliverer that settles it.
         """
         e, c = self.events, self.credits
         with self._transaction(read_only=True) as conn:
             event_due = conn.execute(
-                sa.select(sa.func.min(e.c.next_attempt_at)).where(e.c.state == PENDING)
+                sa.select(sa.func.min(e.c.next_attempt_at)).where(
+                    e.c.state == PENDING, ~self._waits_for_older()
+                )
             ).scalar_one_or_none()
             credit_due = conn.execute(
                 sa.select(sa.func.min(c.c.next_attempt_at)).where(c.c.notified_at.is_(None))

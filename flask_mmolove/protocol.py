@@ -237,6 +237,9 @@ def verify_signature(
             candidates = tuple(secrets.values())
     else:
         candidates = tuple(secrets)
+    if not candidates or not all(isinstance(s, str) and s for s in candidates):
+        # An empty key is a MAC anyone can compute: an unset secret must never verify.
+        raise ValueError("every secret must be a non-empty string")
     matched = False
     for secret in candidates:
         expected = _mac(secret, parsed.t, raw)

@@ -93,7 +93,9 @@ def _enqueue(
 ) -> int:
     return box.enqueue(
         event=event,
-        token=f"tok-{identity}",
+        # A token per event: one token's events are claimed strictly in order, which
+        # test_one_tokens_events_go_in_order covers on its own.
+        token=f"tok-{identity}-{n}",
         identity=identity,
         server_event_id=f"{event[:3]}-{identity}-{n}",
         body=b'{"event":"%s","n":%d}' % (event.encode(), n),
@@ -484,7 +486,7 @@ def test_a_referee_is_credited_once(outbox: Outbox) -> None:
     assert _deliver(outbox, uncredited, credit=False)
     credits = outbox.claim_credits("n", limit=10, lease=30)
     assert [(c.identity, c.token, c.event_id, c.outcome, c.attempts) for c in credits] == [
-        ("player-1", "tok-player-1", first, "advanced", 1)
+        ("player-1", "tok-player-1-1", first, "advanced", 1)
     ]
     assert outbox.stats().credits_unnotified == 1
 
@@ -606,7 +608,7 @@ def test_list_and_get(outbox: Outbox, clock: FakeClock) -> None:
     assert event is not None
     assert (event.event, event.token, event.identity, event.server_event_id) == (
         "registered",
-        "tok-player-1",
+        "tok-player-1-1",
         "player-1",
         "reg-player-1-1",
     )
@@ -767,3 +769,31 @@ def test_a_forked_child_does_not_reuse_the_parents_connection(tmp_path: Path) ->
         assert event.lease_owner == "child"
     finally:
         box.dispose()
+
+
+def test_one_tokens_events_go_in_order(outbox: Outbox, clock: Any) -> None:
+    def add(event: str, identity: str = "p1") -> int:
+        return outbox.enqueue(
+            event=event,
+            token="shared-token",
+            identity=identity,
+            server_event_id=f"{event}-{identity}",
+            body=b"{}",
+        )
+
+    registered, qualified = add("registered"), add("qualified")
+    other = _enqueue(outbox, 9, identity="p2")
+    claimed = [ev.id for ev in outbox.claim("w", limit=10, lease=30)]
+    assert claimed == [registered, other]
+    assert _accept(outbox, other, "w")
+    # Retrying registered later keeps qualified waiting behind it.
+    assert outbox.reschedule(
+        registered, "w", at=clock() + 60, status=503, reason="server_error", error=""
+    )
+    assert outbox.claim("w2", limit=10, lease=30) == []
+    assert outbox.next_due_at() == pytest.approx(clock() + 60)
+    clock.advance(60)
+    [again] = outbox.claim("w3", limit=10, lease=30)
+    assert again.id == registered
+    assert _accept(outbox, registered, "w3")
+    assert [ev.id for ev in outbox.claim("w4", limit=10, lease=30)] == [qualified]

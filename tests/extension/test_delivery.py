@@ -234,7 +234,9 @@ def test_failing_credit_receiver_is_called_again(
         enqueue_registration(worker_portal, mmolove_sandbox)
         with worker_portal.app_context():
             MMOLove().qualify("1000")
-        deliver(worker_portal)
+        # One pass sends `registered`; `qualified` waits for it, then goes in the next.
+        assert deliver(worker_portal) == 1
+        assert deliver(worker_portal) == 1
         assert calls == ["1000"]
         clock.advance(301)
         deliver(worker_portal)
@@ -244,6 +246,25 @@ def test_failing_credit_receiver_is_called_again(
         assert calls == ["1000", "1000"]
     finally:
         referrer_credited.disconnect(flaky)
+
+
+def test_qualified_waits_for_its_registered(
+    worker_portal: Flask, mmolove_sandbox: Any, clock: FakeClock
+) -> None:
+    enqueue_registration(worker_portal, mmolove_sandbox)
+    with worker_portal.app_context():
+        MMOLove().qualify("1000")
+    mmolove_sandbox.fail_next(1, status=503)
+    assert deliver(worker_portal) == 1  # registered fails; qualified is not sent
+    assert deliver(worker_portal) == 0
+    clock.advance(1.0)
+    assert deliver(worker_portal) == 1
+    assert deliver(worker_portal) == 1
+    assert [(r.event, r.status) for r in mmolove_sandbox.events] == [
+        ("registered", 503),
+        ("registered", 200),
+        ("qualified", 200),
+    ]
 
 
 def test_registered_body_is_stored_once_and_sent_verbatim(
