@@ -771,7 +771,7 @@ def test_a_forked_child_does_not_reuse_the_parents_connection(tmp_path: Path) ->
         box.dispose()
 
 
-def test_one_tokens_events_go_in_order(outbox: Outbox, clock: Any) -> None:
+def test_one_tokens_events_go_in_order(outbox: Outbox, clock: FakeClock) -> None:
     def add(event: str, identity: str = "p1") -> int:
         return outbox.enqueue(
             event=event,
