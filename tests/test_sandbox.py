@@ -55,11 +55,6 @@ def clocked(mmolove_sandbox_factory: Factory, clock: FakeClock) -> SandboxServer
     return mmolove_sandbox_factory(clock=clock)
 
 
-@pytest.fixture
-def client(mmolove_client: ReferralClient) -> ReferralClient:
-    return mmolove_client
-
-
 def fields(sandbox: SandboxServer, kind: str = "registered", /, **overrides: Any) -> dict[str, Any]:
     """A valid body of ``kind`` as a dict; ``overrides`` replace fields, MISSING drops one."""
     body: dict[str, Any] = {
@@ -239,10 +234,10 @@ def test_strings_are_trimmed_and_extra_fields_accepted(mmolove_sandbox: SandboxS
 
 
 def test_referee_identity_is_not_needed_after_registered(
-    mmolove_sandbox: SandboxServer, client: ReferralClient
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
 ) -> None:
     token = mmolove_sandbox.mint_token()
-    client.registered(token, referee_identity="player-1", server_event_id="reg-1")
+    mmolove_client.registered(token, referee_identity="player-1", server_event_id="reg-1")
     response = post_fields(mmolove_sandbox, fields(mmolove_sandbox, "qualified", token=token))
     assert response.json()["state"] == "qualified"
 
@@ -251,10 +246,10 @@ def test_referee_identity_is_not_needed_after_registered(
 
 
 def test_dry_run_answers_test_and_writes_nothing(
-    mmolove_sandbox: SandboxServer, client: ReferralClient
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
 ) -> None:
     token = mmolove_sandbox.mint_token()
-    result = client.registered(
+    result = mmolove_client.registered(
         token, referee_identity="player-1", server_event_id="reg-1", test=True
     )
     assert (result.status, result.data) == (200, {"ok": True, "test": True})
@@ -263,7 +258,7 @@ def test_dry_run_answers_test_and_writes_nothing(
     assert mmolove_sandbox.accepted_posts(token, "registered") == 0
     assert mmolove_sandbox.referrals[token].state == "clicked"
     # Nothing was remembered either: the same key, sent for real, is not a duplicate.
-    real = client.registered(token, referee_identity="player-1", server_event_id="reg-1")
+    real = mmolove_client.registered(token, referee_identity="player-1", server_event_id="reg-1")
     assert real.outcome is Outcome.ADVANCED
 
 
@@ -340,15 +335,17 @@ def test_token_key_is_derived_not_the_secret() -> None:
 
 
 def test_registered_then_qualified_advances(
-    mmolove_sandbox: SandboxServer, client: ReferralClient
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
 ) -> None:
     token = mmolove_sandbox.mint_token("alice")
-    reg = client.registered(token, referee_identity="player-1", server_event_id="reg-player-1")
+    reg = mmolove_client.registered(
+        token, referee_identity="player-1", server_event_id="reg-player-1"
+    )
     assert reg.status == 200
     assert reg.outcome is Outcome.ADVANCED
     assert reg.data is not None
     assert reg.data["state"] == "registered"
-    qual = client.qualified(token, server_event_id="qual-player-1")
+    qual = mmolove_client.qualified(token, server_event_id="qual-player-1")
     assert qual.outcome is Outcome.ADVANCED
     assert qual.data == {"ok": True, "referral_id": reg.data["referral_id"], "state": "qualified"}
     referral = mmolove_sandbox.referrals[token]
@@ -363,18 +360,18 @@ def test_registered_then_qualified_advances(
 
 
 def test_qualified_before_registered_is_422_and_not_remembered(
-    mmolove_sandbox: SandboxServer, client: ReferralClient
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
 ) -> None:
     token = mmolove_sandbox.mint_token()
-    early = client.qualified(token, server_event_id="qual-1")
+    early = mmolove_client.qualified(token, server_event_id="qual-1")
     assert early.status == 422
     assert early.outcome is None
     assert early.data is not None
     assert "registered" in early.data["error"]
     assert classify(early.status).action is Action.DEAD
-    client.registered(token, referee_identity="player-1", server_event_id="reg-1")
+    mmolove_client.registered(token, referee_identity="player-1", server_event_id="reg-1")
     # The 422 wrote nothing, so the same key now advances instead of being a duplicate.
-    assert client.qualified(token, server_event_id="qual-1").data == {
+    assert mmolove_client.qualified(token, server_event_id="qual-1").data == {
         "ok": True,
         "referral_id": mmolove_sandbox.referrals[token].referral_id,
         "state": "qualified",
@@ -382,11 +379,11 @@ def test_qualified_before_registered_is_422_and_not_remembered(
 
 
 def test_same_event_again_is_a_duplicate(
-    mmolove_sandbox: SandboxServer, client: ReferralClient
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
 ) -> None:
     token = mmolove_sandbox.mint_token()
-    first = client.registered(token, referee_identity="player-1", server_event_id="reg-1")
-    again = client.registered(token, referee_identity="player-1", server_event_id="reg-1")
+    first = mmolove_client.registered(token, referee_identity="player-1", server_event_id="reg-1")
+    again = mmolove_client.registered(token, referee_identity="player-1", server_event_id="reg-1")
     assert first.outcome is Outcome.ADVANCED
     assert again.outcome is Outcome.DUPLICATE
     assert again.data == {"ok": True, "duplicate": True}
@@ -396,45 +393,47 @@ def test_same_event_again_is_a_duplicate(
 
 
 def test_new_key_for_a_state_already_reached_reports_that_state(
-    mmolove_sandbox: SandboxServer, client: ReferralClient
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
 ) -> None:
     token = mmolove_sandbox.mint_token()
-    client.registered(token, referee_identity="player-1", server_event_id="reg-1")
-    again = client.registered(token, referee_identity="player-1", server_event_id="reg-2")
+    mmolove_client.registered(token, referee_identity="player-1", server_event_id="reg-1")
+    again = mmolove_client.registered(token, referee_identity="player-1", server_event_id="reg-2")
     assert again.outcome is Outcome.ADVANCED
     assert again.data is not None
     assert again.data["state"] == "registered"
-    client.qualified(token, server_event_id="qual-1")
-    late = client.registered(token, referee_identity="player-1", server_event_id="reg-3")
+    mmolove_client.qualified(token, server_event_id="qual-1")
+    late = mmolove_client.registered(token, referee_identity="player-1", server_event_id="reg-3")
     assert late.data is not None
     assert late.data["state"] == "qualified"
     assert mmolove_sandbox.events[-1].verdict == "unchanged"
 
 
 def test_first_touch_wins_and_the_loser_is_ignored(
-    mmolove_sandbox: SandboxServer, client: ReferralClient
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
 ) -> None:
     first = mmolove_sandbox.mint_token("alice")
     second = mmolove_sandbox.mint_token("bob")
-    client.registered(first, referee_identity="player-1", server_event_id="reg-player-1")
-    lost = client.registered(second, referee_identity="player-1", server_event_id="reg-player-1")
+    mmolove_client.registered(first, referee_identity="player-1", server_event_id="reg-player-1")
+    lost = mmolove_client.registered(
+        second, referee_identity="player-1", server_event_id="reg-player-1"
+    )
     assert lost.status == 200
     assert lost.data == {"ok": True, "ignored": "first_touch_conflict"}
     assert lost.outcome is Outcome.FIRST_TOUCH_CONFLICT
     assert mmolove_sandbox.referrals[second].state == "clicked"
     assert mmolove_sandbox.referrals[first].referee_identity == "player-1"
     # Qualifying the referee through the losing token is the same harmless no-op.
-    qual = client.qualified(second, server_event_id="qual-player-1")
+    qual = mmolove_client.qualified(second, server_event_id="qual-player-1")
     assert qual.outcome is Outcome.FIRST_TOUCH_CONFLICT
     assert mmolove_sandbox.referrals[first].state == "registered"
 
 
 def test_reversed_is_accepted_and_recorded_but_changes_nothing(
-    mmolove_sandbox: SandboxServer, client: ReferralClient
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
 ) -> None:
     token = mmolove_sandbox.mint_token()
-    client.registered(token, referee_identity="player-1", server_event_id="reg-1")
-    result = client.send("reversed", token, server_event_id="rev-1")
+    mmolove_client.registered(token, referee_identity="player-1", server_event_id="reg-1")
+    result = mmolove_client.send("reversed", token, server_event_id="rev-1")
     assert result.outcome is Outcome.ADVANCED
     assert result.data is not None
     assert result.data["state"] == "registered"
@@ -522,11 +521,11 @@ def test_registration_url_must_be_http() -> None:
 
 
 def test_log_json_has_every_request_with_raw_body_and_signature(
-    mmolove_sandbox: SandboxServer, client: ReferralClient
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
 ) -> None:
     token = mmolove_sandbox.mint_token()
-    body = client.body("registered", token, referee_identity="p", server_event_id="reg-p")
-    client.send_body(body)
+    body = mmolove_client.body("registered", token, referee_identity="p", server_event_id="reg-p")
+    mmolove_client.send_body(body)
     post(mmolove_sandbox, b"{oops", secret="wrong")
     log = requests.get(mmolove_sandbox.url + "/log.json", timeout=10).json()
     assert [entry["verdict"] for entry in log] == ["advanced", "bad_signature"]
@@ -549,10 +548,12 @@ def test_log_json_has_every_request_with_raw_body_and_signature(
 
 
 def test_log_page_lists_requests_escaped(
-    mmolove_sandbox: SandboxServer, client: ReferralClient
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
 ) -> None:
     token = mmolove_sandbox.mint_token()
-    client.registered(token, referee_identity="p", server_event_id="<script>alert(1)</script>")
+    mmolove_client.registered(
+        token, referee_identity="p", server_event_id="<script>alert(1)</script>"
+    )
     page = requests.get(mmolove_sandbox.url + "/log", timeout=10)
     assert page.status_code == 200
     assert page.headers["Content-Type"].startswith("text/html")
@@ -582,10 +583,12 @@ def test_secret_never_appears_in_log_state_or_reprs(mmolove_sandbox: SandboxServ
     assert secret not in repr(mmolove_sandbox.app.config)
 
 
-def test_state_endpoint_and_reset(mmolove_sandbox: SandboxServer, client: ReferralClient) -> None:
+def test_state_endpoint_and_reset(
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
+) -> None:
     token = mmolove_sandbox.mint_token("alice")
-    client.registered(token, referee_identity="p", server_event_id="reg-p")
-    client.registered(token, referee_identity="p", server_event_id="reg-p")
+    mmolove_client.registered(token, referee_identity="p", server_event_id="reg-p")
+    mmolove_client.registered(token, referee_identity="p", server_event_id="reg-p")
     state = requests.get(mmolove_sandbox.url + "/_state", timeout=10).json()
     assert state["accepted"] == {"registered": 1}
     [referral] = state["referrals"]
@@ -595,7 +598,7 @@ def test_state_endpoint_and_reset(mmolove_sandbox: SandboxServer, client: Referr
     assert mmolove_sandbox.events == []
     assert mmolove_sandbox.referrals == {}
     # The token is still authentic after a reset: its referral is simply new.
-    again = client.registered(token, referee_identity="p", server_event_id="reg-p")
+    again = mmolove_client.registered(token, referee_identity="p", server_event_id="reg-p")
     assert again.outcome is Outcome.ADVANCED
 
 
@@ -603,17 +606,17 @@ def test_state_endpoint_and_reset(mmolove_sandbox: SandboxServer, client: Referr
 
 
 def test_fail_next_answers_the_status_with_retry_after(
-    mmolove_sandbox: SandboxServer, client: ReferralClient
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
 ) -> None:
     token = mmolove_sandbox.mint_token()
     mmolove_sandbox.fail_next(2, status=503, retry_after=7)
     for _ in range(2):
-        result = client.registered(token, referee_identity="p", server_event_id="reg-p")
+        result = mmolove_client.registered(token, referee_identity="p", server_event_id="reg-p")
         assert result.status == 503
         assert result.headers["Retry-After"] == "7"
         decision = classify(result.status, retry_after=result.headers["Retry-After"])
         assert (decision.action, decision.retry_after) == (Action.RETRY, 7.0)
-    result = client.registered(token, referee_identity="p", server_event_id="reg-p")
+    result = mmolove_client.registered(token, referee_identity="p", server_event_id="reg-p")
     assert result.outcome is Outcome.ADVANCED
     assert [e.status for e in mmolove_sandbox.events] == [503, 503, 200]
     assert [e.fault for e in mmolove_sandbox.events] == ["status", "status", None]
@@ -628,17 +631,17 @@ def test_fail_next_with_a_custom_body(mmolove_sandbox: SandboxServer) -> None:
 
 
 def test_delay_next_holds_the_answer(
-    mmolove_sandbox: SandboxServer, client: ReferralClient
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
 ) -> None:
     token = mmolove_sandbox.mint_token()
     mmolove_sandbox.delay_next(1, 0.4)
     started = time.monotonic()
-    result = client.registered(token, referee_identity="p", server_event_id="reg-p")
+    result = mmolove_client.registered(token, referee_identity="p", server_event_id="reg-p")
     assert time.monotonic() - started >= 0.4
     assert result.outcome is Outcome.ADVANCED
     assert mmolove_sandbox.events[-1].fault == "delay"
     started = time.monotonic()
-    client.qualified(token, server_event_id="qual-p")
+    mmolove_client.qualified(token, server_event_id="qual-p")
     assert time.monotonic() - started < 0.4
 
 
@@ -653,7 +656,7 @@ def test_delay_longer_than_the_client_timeout_is_a_transport_failure(
 
 
 def test_drop_before_commit_writes_nothing(
-    mmolove_sandbox: SandboxServer, client: ReferralClient
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
 ) -> None:
     token = mmolove_sandbox.mint_token()
     mmolove_sandbox.drop_next(1)
@@ -664,16 +667,20 @@ def test_drop_before_commit_writes_nothing(
     assert (record.status, record.verdict, record.fault) == (None, "dropped", "drop")
     mmolove_sandbox.drop_next(1)
     with pytest.raises(TransportError):
-        client.registered(token, referee_identity="player-1", server_event_id="reg-player-1")
-    retry = client.registered(token, referee_identity="player-1", server_event_id="reg-player-1")
+        mmolove_client.registered(
+            token, referee_identity="player-1", server_event_id="reg-player-1"
+        )
+    retry = mmolove_client.registered(
+        token, referee_identity="player-1", server_event_id="reg-player-1"
+    )
     assert retry.outcome is Outcome.ADVANCED
 
 
 def test_drop_after_commit_loses_the_answer_but_keeps_the_event(
-    mmolove_sandbox: SandboxServer, client: ReferralClient
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
 ) -> None:
     token = mmolove_sandbox.mint_token()
-    client.registered(token, referee_identity="p", server_event_id="reg-p")
+    mmolove_client.registered(token, referee_identity="p", server_event_id="reg-p")
     mmolove_sandbox.drop_next(1, after_commit=True)
     data = fields(mmolove_sandbox, "qualified", token=token, server_event_id="qual-p")
     with pytest.raises(requests.ConnectionError):
@@ -689,13 +696,15 @@ def test_drop_after_commit_loses_the_answer_but_keeps_the_event(
     )
     assert lost.response is not None
     assert lost.response["state"] == "qualified"
-    retry = client.qualified(token, server_event_id="qual-p")
+    retry = mmolove_client.qualified(token, server_event_id="qual-p")
     assert retry.outcome is Outcome.DUPLICATE
     assert mmolove_sandbox.accepted_count("qualified") == 1
     assert mmolove_sandbox.accepted_posts(token, "qualified") == 2
 
 
-def test_faults_queue_in_order(mmolove_sandbox: SandboxServer, client: ReferralClient) -> None:
+def test_faults_queue_in_order(
+    mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient
+) -> None:
     token = mmolove_sandbox.mint_token()
     mmolove_sandbox.fail_next(1, status=502)
     mmolove_sandbox.drop_next(1)
@@ -703,14 +712,14 @@ def test_faults_queue_in_order(mmolove_sandbox: SandboxServer, client: ReferralC
     statuses: list[int | None] = []
     for _ in range(4):
         try:
-            result = client.registered(token, referee_identity="p", server_event_id="reg-p")
+            result = mmolove_client.registered(token, referee_identity="p", server_event_id="reg-p")
             statuses.append(result.status)
         except TransportError:
             statuses.append(None)
     assert statuses == [502, None, 500, 200]
 
 
-def test_faults_over_http(mmolove_sandbox: SandboxServer, client: ReferralClient) -> None:
+def test_faults_over_http(mmolove_sandbox: SandboxServer, mmolove_client: ReferralClient) -> None:
     url = mmolove_sandbox.url + "/_faults"
     plan = {
         "faults": [
@@ -722,11 +731,11 @@ def test_faults_over_http(mmolove_sandbox: SandboxServer, client: ReferralClient
     answer = requests.post(url, json=plan, timeout=10).json()
     assert [f["kind"] for f in answer["faults"]] == ["status", "drop", "delay"]
     token = mmolove_sandbox.mint_token()
-    first = client.registered(token, referee_identity="p", server_event_id="reg-p")
+    first = mmolove_client.registered(token, referee_identity="p", server_event_id="reg-p")
     assert (first.status, first.headers["Retry-After"]) == (503, "3")
     with pytest.raises(TransportError):
-        client.registered(token, referee_identity="p", server_event_id="reg-p")
-    third = client.registered(token, referee_identity="p", server_event_id="reg-p")
+        mmolove_client.registered(token, referee_identity="p", server_event_id="reg-p")
+    third = mmolove_client.registered(token, referee_identity="p", server_event_id="reg-p")
     assert third.outcome is Outcome.DUPLICATE
     assert requests.get(url, timeout=10).json()["faults"] == []
     requests.post(url, json={"kind": "drop", "count": 5}, timeout=10)
