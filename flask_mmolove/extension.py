@@ -115,7 +115,21 @@ def _after_request(response: Response) -> Response:
     writes: list[Callable[[], int | None]] | None = g.pop("_mmolove_writes", None)
     if writes:
         if response.status_code < 400:
-            ids = [event_id for write in writes if (event_id := write()) is not None]
+            ids = []
+            for write in writes:
+                try:
+                    event_id = write()
+                except Exception:
+                    # The portal's own work is done and answered; failing the request
+                    # now would tell the player it was not. Say loudly what was lost.
+                    logger.exception(
+                        "could not write a referral event to the outbox at %s; the "
+                        "event is lost unless the request's work is repeated",
+                        state.outbox,
+                    )
+                    continue
+                if event_id is not None:
+                    ids.append(event_id)
             _dispatch(state, ids)
         else:
             logger.info(

@@ -149,3 +149,13 @@ def test_disabled_extension_captures_but_records_nothing(
     assert client.get("/page?mmref=tok").json == {"mmref": "tok"}
     assert client.post("/register", data={"name": "a"}).status_code == 302
     assert "MMOLOVE_ENABLED is false" in caplog.text
+
+
+def test_outbox_failure_is_logged_and_the_response_stands(
+    client: Any, app: Flask, mmolove_sandbox: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    client.get(f"/page?mmref={mmolove_sandbox.mint_token()}")
+    app.extensions["mmolove"].outbox.drop_all()
+    assert client.post("/register", data={"name": "ayla"}).status_code == 302
+    assert "could not write a referral event to the outbox" in caplog.text
+    assert mmolove_sandbox.secret not in caplog.text
