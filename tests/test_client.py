@@ -336,13 +336,8 @@ def test_text_error_body(mmolove_sandbox: SandboxServer, mmolove_client: Referra
     assert result.data is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SendResult.headers is a plain dict copy, so header lookups are "
-    "case-sensitive and a lower-case `retry-after` is missed by delivery's "
-    "result.headers.get('Retry-After')",
-)
 def test_headers_are_case_insensitive() -> None:
+    # delivery reads result.headers.get("Retry-After"); servers may send any case.
     def answer(seen: Seen, url: str) -> Answer:
         return 503, [("retry-after", "7"), ("content-type", "application/json")], b"{}"
 
@@ -741,3 +736,71 @@ def test_property_our_body_is_what_the_guide_would_serialise(
     raw = json.dumps(json.loads(body), separators=(",", ":"))
     assert raw.encode() == body
     assert sign_referral_body(secret, body, t) == guide_signature(secret, raw, t)
+
+
+def test_truncated_answer_raises_transport_error() -> None:
+    class Short(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(b'{"ok":tr')  # then the connection closes
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Short)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}/api/referral/events"
+    try:
+        with ReferralClient("srv", SECRET, endpoint) as c, pytest.raises(TransportError) as info:
+            c.qualified("tok", server_event_id="q", ts=1)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert_transport_error(info.value, endpoint)
+
+
+def test_answer_that_is_not_utf8_is_still_a_result() -> None:
+    def answer(seen: Seen, url: str) -> Answer:
+        return 200, [("Content-Type", "application/json")], b'{"ok":true,"x":"\xff"}'
+
+    with tiny_server(answer) as tiny, ReferralClient("srv", "s3cret", tiny.endpoint) as c:
+        result = c.qualified("tok", server_event_id="q", ts=1)
+    assert (result.status, result.ok) == (200, True)
+    assert result.body == '{"ok":true,"x":"\ufffd"}'
+    assert result.outcome is Outcome.ACCEPTED
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        (("", "s"), {}, "server_id is required"),
+        (("  ", "s"), {}, "server_id is required"),
+        (("srv", ""), {}, "secret is required"),
+        (("srv", "s", "ftp://mmolove.com/api/referral/events"), {}, "endpoint must be"),
+        (("srv", "s", "mmolove.com/api/referral/events"), {}, "endpoint must be"),
+        (("srv", "s", "https://"), {}, "endpoint must be"),
+        (("srv", "s"), {"key_id": "has space"}, "key_id must be"),
+    ],
+)
+def test_client_validates_configuration(
+    args: tuple[str, ...], kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        ReferralClient(*args, **kwargs)
+
+
+def test_client_defaults() -> None:
+    with ReferralClient(" srv-1 ", "s") as c:
+        assert c.server_id == "srv-1"
+        assert c.endpoint == "https://mmolove.com/api/referral/events"
+        assert c.timeout == (5.0, 10.0)
+        assert c.key_id is None
+        assert json.loads(c.body("qualified", "tok", server_event_id="q", ts=1))["server_id"] == (
+            "srv-1"
+        )
