@@ -88,6 +88,8 @@ def build_body(
     if test:
         fields["test"] = True
     for key, value in (extra or {}).items():
+        if not isinstance(key, str):
+            raise BodyError(repr(key), "extra field names must be strings")
         if key in FIELD_ORDER:
             raise BodyError(key, "is a protocol field; pass it as an argument, not in extra")
         fields[key] = value
@@ -218,6 +220,15 @@ def verify_signature(
     key's secret, which makes the ``kid`` itself tamper-evident.
     """
     raw = _as_bytes(body)
+    if isinstance(secrets, str):
+        candidates: Sequence[str] = (secrets,)
+    elif isinstance(secrets, Mapping):
+        candidates = tuple(secrets.values())
+    else:
+        candidates = tuple(secrets)
+    if not candidates or not all(isinstance(s, str) and s for s in candidates):
+        # An empty key is a MAC anyone can compute: an unset secret must never verify.
+        raise ValueError("every secret must be a non-empty string")
     parsed = parse_signature_header(header)
     if now is None:
         now = int(time.time())
@@ -226,20 +237,10 @@ def verify_signature(
             f"t is {now - parsed.t:+d} s from now, outside the ±{tolerance} s window: "
             "sign each attempt afresh and check the sender's clock"
         )
-    if isinstance(secrets, str):
-        candidates: Sequence[str] = (secrets,)
-    elif isinstance(secrets, Mapping):
-        if parsed.key_id is not None:
-            if parsed.key_id not in secrets:
-                raise BadSignatureError("no secret is known for this kid")
-            candidates = (secrets[parsed.key_id],)
-        else:
-            candidates = tuple(secrets.values())
-    else:
-        candidates = tuple(secrets)
-    if not candidates or not all(isinstance(s, str) and s for s in candidates):
-        # An empty key is a MAC anyone can compute: an unset secret must never verify.
-        raise ValueError("every secret must be a non-empty string")
+    if isinstance(secrets, Mapping) and parsed.key_id is not None:
+        if parsed.key_id not in secrets:
+            raise BadSignatureError("no secret is known for this kid")
+        candidates = (secrets[parsed.key_id],)
     matched = False
     for secret in candidates:
         expected = _mac(secret, parsed.t, raw)

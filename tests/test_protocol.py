@@ -626,10 +626,11 @@ def test_property_flipping_kid_value_fails_under_key_map(
         verify_signature(keys, body, flipped, now=t)
 
 
+# A receiver has at least one real secret; having none is a ValueError, tested apart.
 secrets_any = st.one_of(
     secrets_st,
-    st.lists(secrets_st, max_size=3),
-    st.dictionaries(st.text(max_size=8), secrets_st, max_size=3),
+    st.lists(secrets_st, min_size=1, max_size=3),
+    st.dictionaries(st.text(max_size=8), secrets_st, min_size=1, max_size=3),
 )
 header_part = st.one_of(
     st.builds("t={}".format, st.one_of(st.integers(-5, 10**20), st.text(max_size=12))),
@@ -822,3 +823,24 @@ def test_client_repr_and_str_hide_the_secret() -> None:
         )
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("header", ["", "garbage", "t=1,v1=sha256=" + "0" * 64])
+def test_missing_secret_fails_loudly_before_the_header_is_read(header: str) -> None:
+    # A receiver deployed without its secret must learn it from the first request,
+    # not answer every sender "malformed" or "stale".
+    with pytest.raises(ValueError, match="non-empty"):
+        verify_signature([], BODY, header, now=T)
+    with pytest.raises(ValueError, match="non-empty"):
+        verify_signature("", BODY, header, now=T)
+
+
+def test_extra_field_names_must_be_strings() -> None:
+    with pytest.raises(BodyError, match="names must be strings"):
+        build_body(
+            "qualified",
+            token="tok",
+            server_id="srv",
+            server_event_id="q-1",
+            extra={1: "a", "1": "b"},  # type: ignore[dict-item]
+        )
