@@ -1,0 +1,216 @@
+"""Helpers shared by the reliability tests: figures, enqueueing, counting what arrived."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+
+from flask_mmolove.outbox import Outbox, make_engine
+from flask_mmolove.protocol import build_body
+
+HERE = Path(__file__).resolve().parent
+#: (test name, figures) in the order measured; printed at the end of the run.
+FIGURES: list[tuple[str, dict[str, Any]]] = []
+
+
+def record_figures(name: str, **figures: Any) -> None:
+    """Keep what a test measured, for the summary and docs/reliability.md."""
+    rounded = {k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}
+    FIGURES.append((name, rounded))
+    print(f"\n[figures] {name}: {rounded}")
+
+
+class FakeClock:
+    """The deliverer's clock, moved by hand: backoff and leases without sleeping."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll until ``predicate()`` is truthy; fail naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def register(app: Flask, token: str, identity: str) -> None:
+    """A player arrives with ?mmref= and creates an account, through the portal's views."""
+    client = app.test_client()
+    assert client.get(f"/page?mmref={token}").status_code == 200
+    response = client.post("/register-callable", data={"id": identity})
+    assert response.status_code == 201, response.data
+
+
+def qualify(app: Flask, identity: str) -> None:
+    """The player reaches the milestone, in a request, as the README shows."""
+    assert app.test_client().post(f"/play/{identity}").status_code == 200
+
+
+def state(app: Flask) -> Any:
+    return app.extensions["mmolove"]
+
+
+def outbox_of(app: Flask) -> Outbox:
+    outbox = state(app).outbox
+    assert outbox is not None
+    return outbox
+
+
+def open_outbox(uri: str, prefix: str = "mmolove_") -> Outbox:
+    """The outbox as another process sees it: its own engine on the same database."""
+    outbox = Outbox(make_engine(uri), table_prefix=prefix)
+    outbox.create_all()
+    return outbox
+
+
+def enqueue_pairs(
+    outbox: Outbox, sandbox: Any, n: int, *, qualified: bool = True, prefix: str = "p"
+) -> list[tuple[str, str]]:
+    """Enqueue ``registered`` (and ``qualified``) for ``n`` fresh referees, interleaved
+    as a backlog is after an outage; returns (identity, token) pairs."""
+    pairs = []
+    for i in range(n):
+        identity = f"{prefix}{i}"
+        token = sandbox.mint_token(f"friend{i % 7}")
+        outbox.bind_and_enqueue(
+            identity=identity,
+            token=token,
+            event="registered",
+            server_event_id=f"reg-{identity}",
+            body=build_body(
+                "registered",
+                token=token,
+                server_id=sandbox.server_id,
+                server_event_id=f"reg-{identity}",
+                referee_identity=identity,
+            ),
+        )
+        if qualified:
+            outbox.enqueue(
+                event="qualified",
+                token=token,
+                identity=identity,
+                server_event_id=f"qual-{identity}",
+                body=build_body(
+                    "qualified",
+                    token=token,
+                    server_id=sandbox.server_id,
+                    server_event_id=f"qual-{identity}",
+                ),
+            )
+        pairs.append((identity, token))
+    return pairs
+
+
+def posts_per_key(sandbox: Any) -> Counter[tuple[str, str]]:
+    """Accepted POSTs (first acceptance plus duplicates) per (token, event)."""
+    counts: Counter[tuple[str, str]] = Counter()
+    for record in sandbox.events:
+        if record.status == 200 and record.verdict != "test" and record.token and record.event:
+            counts[record.token, record.event] += 1
+        elif record.status is None and record.committed and record.token and record.event:
+            # Written, but the answer was dropped: the sender saw no acceptance.
+            counts[record.token, record.event] += 1
+    return counts
+
+
+def assert_exactly_once(
+    sandbox: Any, pairs: Sequence[tuple[str, str]], events: Iterable[str]
+) -> int:
+    """Every (token, event) was accepted exactly once; returns duplicate POSTs sent."""
+    events = list(events)
+    for event in events:
+        assert sandbox.accepted_count(event) == len(pairs), event
+    accepted_keys = {(r.token, r.event) for r in sandbox.events if r.committed}
+    expected = {(token, event) for _, token in pairs for event in events}
+    assert accepted_keys == expected
+    duplicates = 0
+    for _, token in pairs:
+        for event in events:
+            posts = sandbox.accepted_posts(token, event)
+            assert posts >= 1
+            duplicates += posts - 1
+    return duplicates
+
+
+def dump_tables(engine: sa.Engine) -> list[tuple[str, tuple[Any, ...]]]:
+    """Every row of every table in the database, as (table, row)."""
+    rows: list[tuple[str, tuple[Any, ...]]] = []
+    metadata = sa.MetaData()
+    metadata.reflect(engine)
+    with engine.connect() as conn:
+        for table in metadata.sorted_tables:
+            for row in conn.execute(sa.select(table)):
+                rows.append((table.name, tuple(row)))
+    return rows
+
+
+def process_env(sandbox: Any, tmp_path: Path, **portal: Any) -> dict[str, str]:
+    """Environment for a portal process (procapp.py): credentials and PORTAL_* settings."""
+    import json
+
+    env = {
+        **os.environ,
+        "FLASK_APP": str(HERE / "procapp.py"),
+        "MMOLOVE_ENDPOINT": sandbox.endpoint,
+        "MMOLOVE_SERVER_ID": sandbox.server_id,
+        "MMOLOVE_REFERRAL_SECRET": sandbox.secret,
+        "PYTHONUNBUFFERED": "1",
+        "PORTAL_JOURNAL": str(tmp_path / "journal.txt"),
+    }
+    for key, value in portal.items():
+        env[f"PORTAL_{key}"] = json.dumps(value)
+    return env
+
+
+def start_worker(env: dict[str, str], cwd: Path, *args: str) -> subprocess.Popen[str]:
+    """A real ``flask mmolove worker`` process."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "flask", "mmolove", "worker", *args],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def stop_process(proc: subprocess.Popen[str], timeout: float = 15.0) -> str:
+    """SIGTERM, wait, and return the output (SIGKILL if it will not stop)."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+    return output or ""
+
+
+def journal(path: Path) -> list[list[str]]:
+    """Lines a portal process appended on each signal: pid, signal, identity."""
+    if not path.exists():
+        return []
+    return [line.split() for line in path.read_text().splitlines() if line.strip()]
