@@ -270,7 +270,6 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(environ: Mapping[str, str] | None = None) -> int:
     """Run the demo in the foreground; the exit status."""
     env = os.environ if environ is None else environ
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         port = int(env.get("PORT", "5000"))
     except ValueError:
@@ -293,6 +292,8 @@ def main(environ: Mapping[str, str] | None = None) -> int:
     except OSError as exc:
         print(f"error: cannot listen on {demo.host}:{port}: {exc}", file=sys.stderr)
         return 2
+    # Delivery outcomes (flask_mmolove) and requests (werkzeug) show on the console.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     print(demo.walkthrough(), flush=True)
     # SIGTERM (a process manager, `timeout`) stops as Ctrl-C does: deliveries drain.
     signal.signal(signal.SIGTERM, _interrupt)
