@@ -13,8 +13,8 @@ import threading
 import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Final
 
@@ -42,6 +42,8 @@ class PassReport:
     retried: int = 0
     dead: int = 0
     credited: int = 0
+    #: Claimed but not sent, because the deliverer was stopping: handed back at once.
+    released: int = 0
 
     def __iadd__(self, other: PassReport) -> PassReport:
         self.claimed += other.claimed
@@ -49,7 +51,13 @@ class PassReport:
         self.retried += other.retried
         self.dead += other.dead
         self.credited += other.credited
+        self.released += other.released
         return self
+
+    @property
+    def settled_undelivered(self) -> bool:
+        """Every claimed event went back to wait (or died): nothing more is due now."""
+        return self.claimed == self.retried + self.dead + self.released
 
 
 def backoff_delay(
@@ -95,43 +103,83 @@ class Deliverer:
         self.clock = clock
         self.jitter = jitter
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_pid = 0
 
     def after_fork(self) -> None:
-        """In a forked child: a new lease owner, no inherited pool or connections."""
+        """In a forked child: a new lease owner, no inherited connections."""
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._pool = None
         self.outbox.engine.dispose(close=False)
 
-    def _sender(self) -> ThreadPoolExecutor:
-        if self._pool is None or self._pool_pid != os.getpid():
-            self._pool = ThreadPoolExecutor(
-                max_workers=self.settings.concurrency, thread_name_prefix="mmolove-send"
-            )
-            self._pool_pid = os.getpid()
-        return self._pool
-
     def close(self) -> None:
-        if self._pool is not None and self._pool_pid == os.getpid():
-            self._pool.shutdown(wait=True)
-        self._pool = None
+        """Nothing to wait for: sends run on short-lived daemon threads (see run_once)."""
 
-    def run_once(self, *, ids: Sequence[int] | None = None) -> PassReport:
-        """Deliver what is due now (or just ``ids``), then send owed credit signals."""
+    def run_once(
+        self,
+        *,
+        ids: Sequence[int] | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> PassReport:
+        """Deliver what is due now (or just ``ids``), then send owed credit signals.
+
+        Sends run ``MMOLOVE_CONCURRENCY`` at a time on daemon threads, never a
+        ``ThreadPoolExecutor``: the interpreter joins an executor's threads at exit, so
+        a send hanging on a silent MMOLove would hold the process past its drain bound.
+        Once ``should_stop()`` is true no new send starts; claimed events not sent are
+        handed back, due at once, for the next deliverer instead of waiting out a lease.
+        """
         report = PassReport()
         events = self.outbox.claim(
             self.owner, limit=self.settings.batch_size, lease=self.settings.lease, ids=ids
         )
         report.claimed = len(events)
-        if len(events) > 1 and self.settings.concurrency > 1:
-            answers = list(self._sender().map(self._send, events))
-        else:
-            answers = [self._send(event) for event in events]
-        for event, (result, error) in zip(events, answers, strict=True):
-            self._settle(event, result, error, report)
+        answers = self._send_all(events, should_stop)
+        for event in events:
+            if event.id in answers:
+                result, error = answers[event.id]
+                self._settle(event, result, error, report)
+            else:
+                self._release(event, report)
         report.credited = self.notify_credits()
         return report
+
+    def _send_all(
+        self, events: Sequence[OutboxEvent], should_stop: Callable[[], bool]
+    ) -> dict[int, tuple[SendResult | None, str | None]]:
+        """Send each event (unless stopping); the answers of those that were sent."""
+        answers: dict[int, tuple[SendResult | None, str | None]] = {}
+        queue = deque(events)
+
+        def work() -> None:
+            while not should_stop():
+                try:
+                    event = queue.popleft()
+                except IndexError:
+                    return
+                answers[event.id] = self._send(event)
+
+        workers = min(self.settings.concurrency, len(events))
+        if workers <= 1:
+            work()
+            return answers
+        threads = [
+            threading.Thread(target=work, name="mmolove-send", daemon=True) for _ in range(workers)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return answers
+
+    def _release(self, event: OutboxEvent, report: PassReport) -> None:
+        # Claimed but never sent: give it back due now, its last answer unchanged.
+        if self.outbox.reschedule(
+            event.id,
+            self.owner,
+            at=self.clock(),
+            status=event.last_status,
+            reason=event.last_reason or "not_sent",
+            error=event.last_error or "not sent: the deliverer stopped first",
+        ):
+            report.released += 1
 
     def _send(self, event: OutboxEvent) -> tuple[SendResult | None, str | None]:
         try:
@@ -316,6 +364,10 @@ class BackgroundDelivery:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def _past_drain_bound(self) -> bool:
+        stop_at = self._stop_at
+        return stop_at is not None and time.monotonic() >= stop_at
+
     def ensure_running(self) -> None:
         if self.running:
             return
@@ -345,14 +397,12 @@ class BackgroundDelivery:
         while True:
             self._wake.clear()
             try:
-                report = self.deliverer.run_once()
+                report = self.deliverer.run_once(should_stop=self._past_drain_bound)
             except Exception:
                 logger.exception("delivery pass failed; the events stay in the outbox")
                 report = PassReport()
             stop_at = self._stop_at
-            if stop_at is not None and (
-                report.claimed == report.retried + report.dead or time.monotonic() >= stop_at
-            ):
+            if stop_at is not None and (report.settled_undelivered or time.monotonic() >= stop_at):
                 # Draining: stop once nothing due remains deliverable, or at the bound.
                 return
             if report.claimed >= settings.batch_size:
@@ -380,7 +430,7 @@ def run_worker(
     total = PassReport()
     settings = deliverer.settings
     while not should_stop():
-        report = deliverer.run_once()
+        report = deliverer.run_once(should_stop=should_stop)
         total += report
         if on_pass is not None and report.claimed:
             on_pass(report)
