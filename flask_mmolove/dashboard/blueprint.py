@@ -83,20 +83,27 @@ def _when(timestamp: float | None) -> str | None:
 
 def _scrubber(state: _State) -> Callable[[str | None], str]:
     secret = state.settings.secret
+    # The secret as it would appear inside a JSON string too: an answer that echoes
+    # it is stored as MMOLove's raw JSON text, escapes and all.
+    forms = {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
+    forms = {form for form in forms if len(form) >= MIN_REDACTABLE}
 
     def scrub(text: str | None) -> str:
-        # Before any escaping: a secret with HTML-special characters would otherwise
-        # slip past a search of the escaped text.
+        # Before any HTML escaping, which would hide a secret with "<" or "&" in it
+        # from a search of the escaped text.
         if not text:
             return ""
-        if len(secret) >= MIN_REDACTABLE:
-            return text.replace(secret, REDACTED)
+        for form in forms:
+            text = text.replace(form, REDACTED)
         return text
 
     return scrub
 
 
-def _pretty(text: str) -> str:
+def _pretty(text: str | None) -> str | None:
+    """JSON indented for reading; anything else as it is."""
+    if not text:
+        return text
     try:
         return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
     except ValueError:
@@ -107,6 +114,7 @@ def _view(event: OutboxEvent, state: _State, now: float) -> EventView:
     scrub = _scrubber(state)
     leased = event.state == PENDING and event.lease_until is not None and event.lease_until > now
     error = scrub(event.last_error)
+    full_error = scrub(_pretty(event.last_error))
     preview = error if len(error) <= PREVIEW_CHARS else error[: PREVIEW_CHARS - 1] + "…"
     return EventView(
         id=event.id,
@@ -122,11 +130,12 @@ def _view(event: OutboxEvent, state: _State, now: float) -> EventView:
         delivered=_when(event.delivered_at),
         last_status=event.last_status,
         last_reason=scrub(event.last_reason) or None,
-        error=error,
+        error=full_error,
         error_preview=preview,
         outcome=event.outcome,
-        response=_pretty(scrub(event.response)),
-        body=_pretty(scrub(event.body.decode("utf-8", errors="replace"))),
+        # Decoded before scrubbing, so an escaped secret is scrubbed in its plain form.
+        response=scrub(_pretty(event.response)),
+        body=scrub(_pretty(event.body.decode("utf-8", errors="replace"))),
         retryable=event.state == DEAD,
     )
 
