@@ -103,11 +103,26 @@ class Deliverer:
         self.clock = clock
         self.jitter = jitter
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        _deliverers.add(self)
 
     def after_fork(self) -> None:
-        """In a forked child: a new lease owner, no inherited connections."""
+        """In a forked child: a new lease owner and no inherited connections.
+
+        Every deliverer, whatever the delivery mode: a ``--preload`` master may have
+        delivered (inline, or a pass of its own) before forking its workers. The
+        parent's pooled keep-alive sockets to MMOLove and to the database are left to
+        the parent (not closed: that would end them for the parent too).
+        """
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.outbox.engine.dispose(close=False)
+        old = self.client
+        self.client = ReferralClient(
+            old.server_id,
+            self.settings.secret,
+            old.endpoint,
+            timeout=old.timeout,
+            key_id=old.key_id,
+        )
 
     def close(self) -> None:
         """Nothing to wait for: sends run on short-lived daemon threads (see run_once)."""
@@ -324,10 +339,13 @@ class Deliverer:
             logger.exception("a flask_mmolove signal receiver raised")
 
 
+_deliverers: weakref.WeakSet[Deliverer] = weakref.WeakSet()
 _live: weakref.WeakSet[BackgroundDelivery] = weakref.WeakSet()
 
 
 def _reinit_after_fork() -> None:
+    for deliverer in list(_deliverers):
+        deliverer.after_fork()
     for background in list(_live):
         background.after_fork()
 
@@ -358,7 +376,6 @@ class BackgroundDelivery:
         self._wake = threading.Event()
         self._thread = None
         self._stop_at = None
-        self.deliverer.after_fork()
 
     @property
     def running(self) -> bool:
