@@ -142,8 +142,7 @@ class DemoServer:
         try:
             server.app = self._build()
         except BaseException:
-            server.server_close()
-            self._server = None
+            self.stop()
             raise
         return self
 
