@@ -47,12 +47,16 @@ def _flask_login_identity() -> object:
     return None
 
 
-def _resolve_identity(getter: IdentityGetter | None) -> object:
+def _resolve_identity(getter: IdentityGetter | None, signed_in_before: object) -> object:
     identity = g.pop("_mmolove_referee", None)
     if identity is None and getter is not None:
         identity = getter()
     if identity is None:
+        # Only a login that happened in this very request names a new account: a player
+        # who was already signed in and opens a referral link is not a referee.
         identity = _flask_login_identity()
+        if identity is not None and identity == signed_in_before:
+            identity = None
     return identity
 
 
@@ -69,7 +73,7 @@ def referral_registered(
 
     After the view returns a 2xx or 3xx response, if an ``mmref`` token is pending and
     an identity is known (``set_referee()`` in the view, else ``identity()``, else
-    Flask-Login's ``current_user``), the identity is bound to the token and
+    Flask-Login's ``current_user`` if the view signed them in), the identity is bound to the token and
     ``registered`` is written to the outbox. Works bare or as
     ``@referral_registered(identity=lambda: ...)``, on sync and async views.
     """
@@ -79,9 +83,10 @@ def referral_registered(
         def wrapper(*args: Any, **kwargs: Any) -> ResponseReturnValue:
             _get_state()  # fail early and clearly when init_app was not called
             g.pop("_mmolove_referee", None)
+            signed_in_before = _flask_login_identity() if g.get("mmref") is not None else None
             response = make_response(current_app.ensure_sync(func)(*args, **kwargs))
             if 200 <= response.status_code < 400 and g.get("mmref") is not None:
-                referee = _resolve_identity(identity)
+                referee = _resolve_identity(identity, signed_in_before)
                 if referee is None and request.method in ("GET", "HEAD", "OPTIONS"):
                     # Showing the form: no account exists yet, so no identity either.
                     logger.debug("%s: mmref pending, no account yet", func.__qualname__)

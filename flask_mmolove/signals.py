@@ -25,11 +25,11 @@ referee_registered = _signals.signal("referee-registered")
 
 #: Sent exactly once per referee when MMOLove accepted ``qualified``: grant the
 #: referrer's reward here. Sender: the app. Keyword arguments: ``identity``, ``token``,
-#: ``result`` (a :class:`~flask_mmolove.SendResult` rebuilt from the stored answer),
-#: ``outcome`` (``Outcome.TEST`` for a dry run in ``MMOLOVE_TEST_MODE``) and
-#: ``credit_id`` (stable; use it to make the grant idempotent should a process die
-#: between the grant and its record). If a receiver raises, the signal is sent again
-#: later.
+#: ``result`` (a :class:`~flask_mmolove.SendResult` rebuilt from the stored answer) and
+#: ``outcome`` (``Outcome.TEST`` for a dry run in ``MMOLOVE_TEST_MODE``). If a receiver
+#: raises, the signal is sent again later; should the process die between your grant
+#: and its record, it is sent again once the lease expires, so make the grant
+#: idempotent on ``identity`` (one credit per referee, ever).
 referrer_credited = _signals.signal("referrer-credited")
 
 #: Sent when an event was dead-lettered: MMOLove refused it for good, or it outlived

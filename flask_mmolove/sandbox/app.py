@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
-from flask import Flask, Response, current_app, jsonify, redirect, render_template, request
+from flask import Flask, Response, current_app, jsonify, redirect, render_template, request, url_for
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as BaseResponse
@@ -196,7 +196,8 @@ def _share(server_id: str) -> BaseResponse:
 
 
 def _index() -> BaseResponse:
-    return redirect("/log")
+    # Relative to the mount point: the demo serves the sandbox under /_mmolove/.
+    return redirect(url_for("log"))
 
 
 def _short(token: str | None) -> str:
@@ -208,12 +209,12 @@ def _short(token: str | None) -> str:
 def _log_page() -> str:
     state = sandbox_state()
     records = state.public_log()
-    share_link = f"{request.host_url}r/{state.server_id}?ref=friend"
+    share_link = f"{request.url_root}r/{state.server_id}?ref=friend"
     return render_template(
         "log.html",
         records=list(reversed(records)),
         server_id=state.server_id,
-        endpoint=request.host_url.rstrip("/") + INGEST_PATH,
+        endpoint=request.url_root.rstrip("/") + INGEST_PATH,
         share_link=share_link,
         accepted=state.accepted_count(),
         clicks=state.clicks,

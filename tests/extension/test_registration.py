@@ -159,3 +159,33 @@ def test_outbox_failure_is_logged_and_the_response_stands(
     assert client.post("/register", data={"name": "ayla"}).status_code == 302
     assert "could not write a referral event to the outbox" in caplog.text
     assert mmolove_sandbox.secret not in caplog.text
+
+
+def test_a_player_already_signed_in_is_not_a_referee(
+    make_portal: Any, mmolove_sandbox: Any
+) -> None:
+    app = make_portal()
+    manager = LoginManager(app)
+
+    class User(UserMixin):
+        def __init__(self, user_id: str) -> None:
+            self.id = user_id
+
+    manager.user_loader(User)
+
+    @app.post("/login")
+    def login() -> Any:
+        login_user(User("veteran"))
+        return "ok"
+
+    @app.get("/signup")
+    @referral_registered
+    def signup() -> Any:
+        return "already have an account"
+
+    client = app.test_client()
+    client.post("/login")
+    client.get(f"/page?mmref={mmolove_sandbox.mint_token()}")
+    assert client.get("/signup").status_code == 200
+    assert mmolove_sandbox.events == []
+    assert app.extensions["mmolove"].outbox.list_events() == []
