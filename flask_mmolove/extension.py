@@ -10,7 +10,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flask import Flask, Response, current_app, g, has_request_context
+from flask import Flask, Response, current_app, g, has_request_context, request_finished
 
 from . import capture
 from .client import ReferralClient
@@ -87,18 +87,28 @@ def _dispatch(state: _State, event_ids: list[int]) -> None:
             logger.exception("inline delivery failed; the events stay in the outbox")
 
 
-def _write(state: _State, write: Callable[[], int | None]) -> None:
+def _write(
+    state: _State,
+    write: Callable[[], int | None],
+    *,
+    then: Callable[[], None] | None = None,
+) -> None:
     """Run an outbox write now, or with the request's response if there is one.
 
-    Inside a request being dispatched the write waits for ``after_request`` and happens
-    only if the response is a success: an event caused by a request that failed is
-    never sent. Anywhere else (a CLI command, a job, a bare ``test_request_context``
-    that no response will ever close) it happens at once.
+    Inside a request being dispatched the write waits for the response and happens
+    only if the request succeeded: its response is a 2xx or 3xx and went through every
+    ``after_request`` hook and the session save (Flask's ``request_finished``). An
+    event caused by a request that failed is never sent. Anywhere else (a CLI command,
+    a job, a bare ``test_request_context`` that no response will ever close) it
+    happens at once. ``then`` (forgetting the token) runs when the response is known
+    to be a success, early enough to reach the session and the cookie.
     """
     if has_request_context() and g.get("_mmolove_dispatching"):
-        g.setdefault("_mmolove_writes", []).append(write)
+        g.setdefault("_mmolove_writes", []).append((write, then))
         return
     event_id = write()
+    if then is not None:
+        then()
     _dispatch(state, [event_id] if event_id is not None else [])
 
 
@@ -112,33 +122,54 @@ def _before_request() -> None:
 
 def _after_request(response: Response) -> Response:
     state = _get_state()
-    writes: list[Callable[[], int | None]] | None = g.pop("_mmolove_writes", None)
+    writes: list[tuple[Callable[[], int | None], Callable[[], None] | None]] | None = g.pop(
+        "_mmolove_writes", None
+    )
     if writes:
         if response.status_code < 400:
-            ids = []
-            for write in writes:
-                try:
-                    event_id = write()
-                except Exception:
-                    # The portal's own work is done and answered; failing the request
-                    # now would tell the player it was not. Say loudly what was lost.
-                    logger.exception(
-                        "could not write a referral event to the outbox at %s; the "
-                        "event is lost unless the request's work is repeated",
-                        state.outbox,
-                    )
-                    continue
-                if event_id is not None:
-                    ids.append(event_id)
-            _dispatch(state, ids)
+            for _, then in writes:
+                if then is not None:
+                    then()
+            # Written in _request_finished: a later hook or the session save can
+            # still fail this request.
+            g._mmolove_commit = [write for write, _ in writes]
         else:
-            logger.info(
-                "discarded %d referral event(s): the request failed with %d",
-                len(writes),
-                response.status_code,
-            )
+            _discarded(len(writes), response.status_code)
     capture.write_cookie(state.settings.capture, response)
     return response
+
+
+def _discarded(count: int, status: int) -> None:
+    logger.info("discarded %d referral event(s): the request failed with %d", count, status)
+
+
+def _request_finished(sender: Flask, response: Response, **extra: object) -> None:
+    """Write a successful request's events, now that its response is final."""
+    writes: list[Callable[[], int | None]] | None = g.pop("_mmolove_commit", None)
+    if not writes:
+        return
+    if response.status_code >= 400:
+        # The view succeeded, then a later after_request hook or the session save
+        # failed and Flask answered with an error instead.
+        _discarded(len(writes), response.status_code)
+        return
+    state = _get_state(sender)
+    ids = []
+    for write in writes:
+        try:
+            event_id = write()
+        except Exception:
+            # The portal's own work is done and answered; failing the request
+            # now would tell the player it was not. Say loudly what was lost.
+            logger.exception(
+                "could not write a referral event to the outbox at %s; the "
+                "event is lost unless the request's work is repeated",
+                state.outbox,
+            )
+            continue
+        if event_id is not None:
+            ids.append(event_id)
+    _dispatch(state, ids)
 
 
 def record_registration(identity: object, *, app: Flask | None = None) -> bool:
@@ -182,10 +213,9 @@ def record_registration(identity: object, *, app: Flask | None = None) -> bool:
                 "referee %r was already bound to an earlier mmref; first touch keeps it",
                 referee,
             )
-        capture.forget(state.settings.capture)
         return event_id
 
-    _write(state, write)
+    _write(state, write, then=lambda: capture.forget(state.settings.capture))
     return True
 
 
@@ -296,6 +326,7 @@ class MMOLove:
         app.extensions[EXTENSION_KEY] = _State(settings, outbox, deliverer, background)
         app.before_request(_before_request)
         app.after_request(_after_request)
+        request_finished.connect(_request_finished, app)
         # cli.py is built on this module, so it is imported here, not at the top.
         from .cli import mmolove_group
 
