@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
-from flask import Response, g, request, session
+from flask import Response, current_app, g, request, session
+from flask.sessions import SecureCookieSessionInterface
 
 logger = logging.getLogger("flask_mmolove")
 
@@ -49,38 +50,70 @@ def _ignored(source: str, raw: str) -> None:
     logger.debug("ignored an invalid mmref from the %s (%d characters)", source, len(raw))
 
 
+def _session_may_hold_token(cookie_header: str) -> bool:
+    """False when the session is certainly empty, known without opening it.
+
+    Flask's own cookie session is empty when the request has no session cookie, and a
+    cookie name appears verbatim in the ``Cookie`` header (names are never escaped).
+    Opening the session anyway would build a serializer on every request and add
+    ``Vary: Cookie`` to pages that depend on no cookie. Another session interface
+    (server-side sessions) is always asked.
+    """
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    interface = app.session_interface
+    if type(interface).open_session is not SecureCookieSessionInterface.open_session:
+        return True
+    return interface.get_cookie_name(app) in cookie_header
+
+
 def capture(settings: CaptureSettings) -> None:
     """Put the pending token (or None) in ``g.mmref``; runs before every request."""
-    g.mmref = None
-    # The fast path: with no query string and no cookies there is no token anywhere,
-    # not even in the session (which lives in a cookie too).
-    if not request.args and not request.cookies:
-        return
+    # Runs on every request of the portal, so it is written for the common case: the
+    # proxies are resolved once, and the raw environ is read so that a request the
+    # view does not parse is not parsed here either.
+    ctx_g = g._get_current_object()
+    ctx_g.mmref = None
+    environ = request.environ
+    query = environ.get("QUERY_STRING")
+    cookie_header = environ.get("HTTP_COOKIE")
+    # With no query string and no cookies there is no token anywhere, not even in the
+    # session (which lives in a cookie too).
+    if query or cookie_header:
+        _capture(settings, ctx_g, query, cookie_header)
+
+
+def _capture(
+    settings: CaptureSettings, ctx_g: Any, query: str | None, cookie_header: str | None
+) -> None:
     pending = None
-    if request.cookies:
-        stored = session.get(settings.session_key)
-        pending = valid_token(stored)
-        if pending is None:
+    if cookie_header:
+        if _session_may_hold_token(cookie_header):
+            pending = valid_token(session.get(settings.session_key))
+        # The header is only parsed when it can hold our cookie.
+        if pending is None and settings.cookie_name in cookie_header:
             raw = request.cookies.get(settings.cookie_name)
             if raw is not None:
                 pending = valid_token(raw)
                 if pending is None:
                     _ignored("cookie", raw)
-    raw_query = request.args.get(QUERY_PARAM)
+    # Only a query string that names mmref, or escapes a character, can carry it.
+    raw_query = None
+    if query and (QUERY_PARAM in query or "%" in query):
+        raw_query = request.args.get(QUERY_PARAM)
     if raw_query is not None:
         fresh = valid_token(raw_query)
         if fresh is None:
             _ignored("query string", raw_query)
         elif pending is None or (fresh != pending and not settings.first_touch):
             pending = fresh
-            g._mmolove_cookie = _SET
+            ctx_g._mmolove_cookie = _SET
         elif fresh != pending:
             logger.debug("kept the first pending mmref; a later one arrived (first touch)")
         elif settings.cookie_name not in request.cookies:
-            g._mmolove_cookie = _SET
+            ctx_g._mmolove_cookie = _SET
     if pending is not None and session.get(settings.session_key) != pending:
         session[settings.session_key] = pending
-    g.mmref = pending
+    ctx_g.mmref = pending
 
 
 def forget(settings: CaptureSettings) -> None:
