@@ -7,6 +7,7 @@ module only carries it out: record it in the outbox, then tell the portal by sig
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import threading
@@ -74,7 +75,10 @@ def backoff_delay(
         nominal = settings.slow_retry
         cap = settings.slow_retry * (JITTER_LOW + JITTER_SPAN)
     else:
-        nominal = min(settings.retry_cap, settings.retry_base * 2.0 ** min(attempts - 1, 60))
+        # 2.0 ** 1024 overflows; long before that any positive base has met the cap.
+        exponent = attempts - 1
+        growth = settings.retry_base * 2.0**exponent if exponent < 1024 else math.inf
+        nominal = min(settings.retry_cap, growth)
         cap = settings.retry_cap
     delay = min(cap, nominal * (JITTER_LOW + JITTER_SPAN * jitter()))
     if decision.retry_after is not None:
