@@ -15,14 +15,16 @@ from flask import Flask, Response, current_app, g, has_request_context, request_
 from . import capture
 from .client import ReferralClient
 from .delivery import BackgroundDelivery, Deliverer
-from .outbox import Outbox, make_engine
+from .outbox import SERVER_EVENT_ID_MAX, Outbox, make_engine
 from .protocol import build_body
 from .settings import Settings, load_settings
 
 logger = logging.getLogger("flask_mmolove")
 
 EXTENSION_KEY = "mmolove"
-MAX_IDENTITY_LENGTH = 255
+#: The longest referee identity: its event ids ("reg-<identity>", "qual-<identity>")
+#: must fit the outbox's server_event_id column, or the event could not be stored.
+MAX_IDENTITY_LENGTH = SERVER_EVENT_ID_MAX - len("qual-")
 
 
 @dataclass

@@ -10,7 +10,13 @@ from typing import Any, TypeVar, overload
 from flask import current_app, g, has_app_context, make_response, request
 from flask.typing import ResponseReturnValue
 
-from .extension import _get_state, normalize_identity, record_qualification, record_registration
+from .extension import (
+    MAX_IDENTITY_LENGTH,
+    _get_state,
+    normalize_identity,
+    record_qualification,
+    record_registration,
+)
 from .signals import player_qualified
 
 logger = logging.getLogger("flask_mmolove")
@@ -29,7 +35,7 @@ def set_referee(identity: object) -> None:
     if normalize_identity(identity) is None:
         raise ValueError(
             "set_referee() needs the new account's stable id: a non-empty printable "
-            f"value of at most 255 characters, got {type(identity).__name__}"
+            f"value of at most {MAX_IDENTITY_LENGTH} characters, got {type(identity).__name__}"
         )
     g._mmolove_referee = identity
 
