@@ -79,8 +79,8 @@ def referral_registered(
 
     After the view returns a 2xx or 3xx response, if an ``mmref`` token is pending and
     an identity is known (``set_referee()`` in the view, else ``identity()``, else
-    Flask-Login's ``current_user`` if the view signed them in), the identity is bound to the token and
-    ``registered`` is written to the outbox. Works bare or as
+    Flask-Login's ``current_user`` if the view signed them in), the identity is bound
+    to the token and ``registered`` is written to the outbox. Works bare or as
     ``@referral_registered(identity=lambda: ...)``, on sync and async views.
     """
 
