@@ -155,11 +155,11 @@ def assert_exactly_once(
     return duplicates
 
 
-def dump_tables(engine: sa.Engine) -> list[tuple[str, tuple[Any, ...]]]:
-    """Every row of every table in the database, as (table, row)."""
+def dump_tables(engine: sa.Engine, prefix: str = "") -> list[tuple[str, tuple[Any, ...]]]:
+    """Every row of every table in the database (whose name starts with ``prefix``)."""
     rows: list[tuple[str, tuple[Any, ...]]] = []
     metadata = sa.MetaData()
-    metadata.reflect(engine)
+    metadata.reflect(engine, only=lambda name, _: name.startswith(prefix))
     with engine.connect() as conn:
         for table in metadata.sorted_tables:
             for row in conn.execute(sa.select(table)):
