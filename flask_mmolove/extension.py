@@ -11,13 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from flask import Flask, Response, current_app, g, has_request_context, request_finished
+from sqlalchemy import Engine
+from sqlalchemy import exc as sa_exc
 
 from . import capture
 from .client import ReferralClient
 from .delivery import BackgroundDelivery, Deliverer
 from .outbox import SERVER_EVENT_ID_MAX, Outbox, make_engine
 from .protocol import build_body
-from .settings import Settings, load_settings
+from .settings import ConfigurationError, Settings, load_settings
 
 logger = logging.getLogger("flask_mmolove")
 
@@ -265,6 +267,18 @@ def record_qualification(
     return True
 
 
+def _engine(uri: str) -> Engine:
+    """The outbox engine for ``MMOLOVE_DATABASE_URI``, or an error naming the key."""
+    try:
+        return make_engine(uri)
+    except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ValueError) as exc:
+        # Not the URI itself in the message: it may hold a database password.
+        raise ConfigurationError(
+            "MMOLOVE_DATABASE_URI is not a usable SQLAlchemy URL "
+            f"(dialect+driver://user:password@host/database): {exc}"
+        ) from None
+
+
 _processes_to_drain: weakref.WeakSet[BackgroundDelivery] = weakref.WeakSet()
 
 
@@ -307,8 +321,12 @@ class MMOLove:
         settings = load_settings(app)
         outbox = deliverer = background = None
         if settings.enabled:
-            engine = make_engine(settings.database_uri)
-            outbox = Outbox(engine, table_prefix=settings.table_prefix, clock=self._clock)
+            engine = _engine(settings.database_uri)
+            try:
+                outbox = Outbox(engine, table_prefix=settings.table_prefix, clock=self._clock)
+            except ValueError as exc:
+                engine.dispose()
+                raise ConfigurationError(f"MMOLOVE_TABLE_PREFIX: {exc}") from None
             outbox.create_all()
             # A --preload master must hand its workers no open connection.
             engine.dispose()
