@@ -279,6 +279,13 @@ def _engine(uri: str) -> Engine:
         ) from None
 
 
+def _in_memory(engine: Engine) -> bool:
+    url = engine.url
+    return url.get_backend_name() == "sqlite" and (
+        url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+    )
+
+
 _processes_to_drain: weakref.WeakSet[BackgroundDelivery] = weakref.WeakSet()
 
 
@@ -328,8 +335,10 @@ class MMOLove:
                 engine.dispose()
                 raise ConfigurationError(f"MMOLOVE_TABLE_PREFIX: {exc}") from None
             outbox.create_all()
-            # A --preload master must hand its workers no open connection.
-            engine.dispose()
+            # A --preload master must hand its workers no open connection. (An
+            # in-memory SQLite database lives in its one connection: keep that.)
+            if not _in_memory(engine):
+                engine.dispose()
             client = ReferralClient(
                 settings.server_id,
                 settings.secret,

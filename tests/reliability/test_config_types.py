@@ -132,3 +132,14 @@ def test_unusable_value_fails_at_init_app_naming_the_key(
     tmp_path: Path, key: str, value: Any
 ) -> None:
     assert_names_key(tmp_path, key, value)
+
+
+@pytest.mark.parametrize("uri", ["sqlite://", "sqlite:///:memory:"])
+def test_in_memory_outbox_keeps_its_tables(
+    make_portal: Callable[..., Flask], mmolove_sandbox: Any, uri: str
+) -> None:
+    """An in-memory SQLite outbox (for tests) must survive init_app."""
+    app = make_portal(MMOLOVE_DATABASE_URI=uri, MMOLOVE_DELIVERY="inline")
+    register(app, mmolove_sandbox.mint_token(), "m1")
+    assert [e.state for e in outbox_of(app).list_events()] == ["delivered"]
+    assert mmolove_sandbox.accepted_count("registered") == 1
