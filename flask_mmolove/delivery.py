@@ -205,6 +205,12 @@ class Deliverer:
             return self.client.send_body(event.body), None
         except TransportError as exc:
             return None, str(exc)
+        except Exception as exc:
+            # A bug or an unusable setting: no answer came back, so the event is
+            # retried with backoff like any failure to reach MMOLove, and the pass
+            # (and the other sends) carry on.
+            logger.exception("event %d: sending failed unexpectedly", event.id)
+            return None, f"{type(exc).__name__}: {exc}"
 
     def _settle(
         self,

@@ -46,7 +46,7 @@ SETTINGS = base_settings()
 def documented_nominal(attempts: int, base: float, cap: float) -> float:
     """min(cap, base * 2^(attempts-1)), without float overflow."""
     exponent = attempts - 1
-    if exponent >= 1100:
+    if exponent >= 1024:  # 2.0 ** 1024 overflows; any base has met the cap by then
         return cap
     return min(cap, base * 2.0**exponent)
 
@@ -185,3 +185,39 @@ def test_retry_after_is_a_floor_end_to_end(
     [event] = outbox_of(app).list_events()
     # Above the cap: the server's floor wins. (An HTTP date has whole seconds.)
     assert event.next_attempt_at - clock.now == pytest.approx(wait, abs=2)
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_an_unexpected_send_error_backs_off_like_a_transport_failure(
+    make_portal: Callable[..., Flask],
+    mmolove_sandbox: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    concurrency: int,
+) -> None:
+    """A bug or a bad setting that makes sending raise (say, an infinite timeout's
+    OverflowError) must neither lose the events, nor spin on them, nor stop the pass."""
+    clock = FakeClock()
+    app = make_portal(
+        MMOLove(clock=clock, jitter=lambda: 0.5),
+        MMOLOVE_CONCURRENCY=concurrency,
+        MMOLOVE_RETRY_BASE=2.0,
+    )
+    for n in range(3):
+        register(app, mmolove_sandbox.mint_token(), f"u{n}")
+    deliverer = state(app).deliverer
+
+    def broken(body: bytes) -> Any:
+        raise OverflowError("timeout value is too large")
+
+    monkeypatch.setattr(deliverer.client, "send_body", broken)
+    report = deliverer.run_once()
+    assert (report.claimed, report.retried) == (3, 3)
+    for event in outbox_of(app).list_events():
+        assert event.state == "pending"
+        assert event.last_reason == "transport"
+        assert "OverflowError" in (event.last_error or "")
+        assert event.next_attempt_at == pytest.approx(clock.now + 2.0)
+    assert deliverer.run_once().claimed == 0
+    monkeypatch.undo()
+    clock.advance(2.0)
+    assert deliverer.run_once().delivered == 3
