@@ -6,6 +6,8 @@ module only carries it out: record it in the outbox, then tell the portal by sig
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -29,6 +31,9 @@ from .signals import referee_registered, referral_rejected, referrer_credited
 
 logger = logging.getLogger("flask_mmolove")
 
+#: What stands for the secret in an answer that contained it.
+REDACTED: Final = "[redacted]"
+_MIN_SCRUBBED: Final = 6
 #: The jitter factor's range: a delay is its nominal value times [0.75, 1.25).
 JITTER_LOW: Final = 0.75
 JITTER_SPAN: Final = 0.5
@@ -107,7 +112,16 @@ class Deliverer:
         self.clock = clock
         self.jitter = jitter
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        secret = settings.secret
+        forms = {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
+        # A very short secret is not scrubbed: it would garble every answer.
+        self._secret_forms = tuple(form for form in forms if len(form) >= _MIN_SCRUBBED)
         _deliverers.add(self)
+
+    def _scrub(self, text: str) -> str:
+        for form in self._secret_forms:
+            text = text.replace(form, REDACTED)
+        return text
 
     def after_fork(self) -> None:
         """In a forked child: a new lease owner and no inherited connections.
@@ -223,7 +237,11 @@ class Deliverer:
         decision = classify(
             status, retry_after=result.headers.get("Retry-After") if result is not None else None
         )
-        answer = result.body if result is not None else (error or "")
+        # MMOLove's answer is kept and handed to signals; should it ever echo the
+        # secret (a proxy's error page, a debug answer), the secret goes no further.
+        answer = self._scrub(result.body if result is not None else (error or ""))
+        if result is not None and result.body != answer:
+            result = dataclasses.replace(result, body=answer)
         if decision.action is Action.DELIVERED:
             assert result is not None
             assert result.outcome is not None
