@@ -230,7 +230,12 @@ def gunicorn(env: dict[str, str], cwd: Path, workers: int) -> Iterator[tuple[str
 def test_gunicorn_preload_workers_deliver_every_workers_events(
     mmolove_sandbox: Any, tmp_path: Path
 ) -> None:
-    pytest.importorskip("gunicorn")
+    try:
+        import gunicorn
+    except ImportError:
+        if os.environ.get("MMOLOVE_REQUIRE_ALL_TESTS"):
+            pytest.fail("gunicorn (a test dependency) must be installed in CI")
+        pytest.skip("gunicorn is not installed")
     workers = 3
     db = tmp_path / "outbox.sqlite3"
     env = process_env(
