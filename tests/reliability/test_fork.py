@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import importlib.util
 import json
 import os
 import signal
@@ -230,9 +231,7 @@ def gunicorn(env: dict[str, str], cwd: Path, workers: int) -> Iterator[tuple[str
 def test_gunicorn_preload_workers_deliver_every_workers_events(
     mmolove_sandbox: Any, tmp_path: Path
 ) -> None:
-    try:
-        import gunicorn
-    except ImportError:
+    if importlib.util.find_spec("gunicorn") is None:
         if os.environ.get("MMOLOVE_REQUIRE_ALL_TESTS"):
             pytest.fail("gunicorn (a test dependency) must be installed in CI")
         pytest.skip("gunicorn is not installed")
