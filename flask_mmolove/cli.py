@@ -49,7 +49,8 @@ def worker_command(burst: bool) -> None:
     def progress(report: PassReport) -> None:
         click.echo(
             f"claimed {report.claimed}: delivered {report.delivered}, "
-            f"retrying {report.retried}, dead {report.dead}, credited {report.credited}"
+            f"retrying {report.retried}, dead {report.dead}, handed back {report.released}, "
+            f"credited {report.credited}"
         )
 
     click.echo(f"mmolove worker {deliverer.owner} delivering to {deliverer.client.endpoint}")
@@ -70,11 +71,20 @@ def status_command() -> None:
     click.echo(f"delivered:  {stats.delivered}")
     click.echo(f"dead:       {stats.dead}")
     click.echo(f"credits to announce: {stats.credits_unnotified}")
+    waiting = [e for e in outbox.list_events(state="pending", limit=200) if e.last_reason]
+    for event in waiting[:20]:
+        due = max(0.0, event.next_attempt_at - time.time())
+        click.echo(
+            f"  retrying #{event.id} {event.event} {event.server_event_id} in {due:.0f} s "
+            f"(attempt {event.attempts}): status {event.last_status}, {event.last_reason}"
+        )
     for event in outbox.list_events(state="dead", limit=20):
         click.echo(
             f"  dead #{event.id} {event.event} {event.server_event_id}: "
             f"status {event.last_status}, {event.last_reason}: {(event.last_error or '')[:120]}"
         )
+    if waiting or stats.dead:
+        click.echo("requeue with: flask mmolove retry ID... (or --all for every dead letter)")
 
 
 @mmolove_group.command("retry")

@@ -217,7 +217,8 @@ def verify_signature(
 
     ``secrets`` may be one secret, several (any may match, for rotation), or a mapping
     from key id to secret: then a header with ``kid`` is checked only against that
-    key's secret, which makes the ``kid`` itself tamper-evident.
+    key's secret (an unknown ``kid`` fails), and a header without one against them all.
+    ``kid`` is a hint, not signed: nothing forged passes either way.
     """
     raw = _as_bytes(body)
     if isinstance(secrets, str):

@@ -6,6 +6,7 @@ with a message that names the key and says what to put in it.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -80,9 +81,31 @@ class Settings:
 
 def _number(config: dict[str, Any], key: str, *, minimum: float = 0.0) -> float:
     value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= minimum:
-        raise ConfigurationError(f"{key} must be a number greater than {minimum:g}, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= minimum
+    ):
+        raise ConfigurationError(
+            f"{key} must be a finite number greater than {minimum:g}, got {value!r}"
+        )
     return float(value)
+
+
+def _seconds_or_zero(config: dict[str, Any], key: str) -> float:
+    value = config[key]
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == 0:
+        return 0.0
+    return _number(config, key)
+
+
+def _flag(config: dict[str, Any], key: str) -> bool:
+    # bool("false") is True: a flag from an environment variable must fail, not flip.
+    value = config[key]
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{key} must be True or False, got {value!r}")
+    return value
 
 
 def _whole(config: dict[str, Any], key: str) -> int:
@@ -109,7 +132,7 @@ def load_settings(app: Flask) -> Settings:
         app.config.setdefault(key, default)
     config = app.config
 
-    enabled = bool(config["MMOLOVE_ENABLED"])
+    enabled = _flag(config, "MMOLOVE_ENABLED")
     server_id = _text(config, "MMOLOVE_SERVER_ID", "MMOLOVE_SERVER_ID")
     # The secret is never stripped: it is the exact HMAC key.
     secret = config["MMOLOVE_REFERRAL_SECRET"]
@@ -183,7 +206,7 @@ def load_settings(app: Flask) -> Settings:
         database_uri=database_uri,
         table_prefix=table_prefix,
         delivery=delivery,
-        test_mode=bool(config["MMOLOVE_TEST_MODE"]),
+        test_mode=_flag(config, "MMOLOVE_TEST_MODE"),
         timeout=(
             _number(config, "MMOLOVE_CONNECT_TIMEOUT"),
             _number(config, "MMOLOVE_READ_TIMEOUT"),
@@ -196,13 +219,13 @@ def load_settings(app: Flask) -> Settings:
         batch_size=_whole(config, "MMOLOVE_BATCH_SIZE"),
         concurrency=_whole(config, "MMOLOVE_CONCURRENCY"),
         poll_interval=_number(config, "MMOLOVE_POLL_INTERVAL"),
-        drain_timeout=_number(config, "MMOLOVE_DRAIN_TIMEOUT", minimum=-1),
+        drain_timeout=_seconds_or_zero(config, "MMOLOVE_DRAIN_TIMEOUT"),
         capture=CaptureSettings(
             cookie_name=cookie_name,
             cookie_max_age=cookie_max_age,
             cookie_secure=cookie_secure,
             cookie_domain=_text(config, "MMOLOVE_COOKIE_DOMAIN"),
             session_key=session_key,
-            first_touch=bool(config["MMOLOVE_FIRST_TOUCH"]),
+            first_touch=_flag(config, "MMOLOVE_FIRST_TOUCH"),
         ),
     )

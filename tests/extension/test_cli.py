@@ -161,3 +161,16 @@ def test_worker_process_stops_on_sigterm(tmp_path: Path, mmolove_sandbox: Any) -
     assert proc.returncode == 0, output
     assert "stopped: delivered 1" in output
     assert mmolove_sandbox.secret not in output
+
+
+def test_status_lists_events_waiting_to_retry(
+    make_portal: Callable[..., Flask], mmolove_sandbox: Any
+) -> None:
+    app = make_portal(MMOLOVE_DELIVERY="worker", MMOLOVE_REFERRAL_SECRET="wrong-secret-xyz")
+    register(app, mmolove_sandbox, "a")
+    run(app, "worker", "--burst")
+    result = run(app, "status")
+    [event] = app.extensions["mmolove"].outbox.list_events()
+    assert f"retrying #{event.id} registered reg-1000" in result.output
+    assert "bad_signature" in result.output
+    assert "flask mmolove retry ID" in result.output
