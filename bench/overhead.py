@@ -1,0 +1,254 @@
+"""1. Request overhead: the same portal with and without flask-mmolove.
+
+In process: WSGI calls straight into each app (no HTTP, no test client), so nothing
+dilutes the extension's cost; this is the harshest view. Under gunicorn (one sync
+worker pinned to one core) with ``wrk`` on the other core: what a visitor's request
+costs end to end. Both portals serve the same requests; the only difference is
+``MMOLove().init_app(app)``.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask
+from werkzeug.test import EnvironBuilder
+
+from flask_mmolove import MMOLove
+from flask_mmolove.sandbox.tokens import TokenMinter
+
+from . import core
+from .portals import plain_portal, referral_portal
+
+NAME = "overhead"
+TITLE = "Request overhead"
+GOAL = 1.05
+
+
+@dataclass(frozen=True)
+class Kind:
+    key: str
+    label: str
+    token: bool
+    path: str
+    query: str = ""
+    cookie: str = ""
+
+
+def session_cookie(app: Flask, data: dict[str, Any]) -> str:
+    serializer = app.session_interface.get_signing_serializer(app)  # type: ignore[attr-defined]
+    return f"session={serializer.dumps(data)}"
+
+
+def request_kinds(app: Flask) -> list[Kind]:
+    token = TokenMinter("bench-token-key").mint("bench-server", "friend")
+    pending = f"mmref={token}; {session_cookie(app, {'mmolove_mmref': token})}"
+    return [
+        Kind("bare", "no token: no query, no cookies", False, "/"),
+        Kind("query", "no token: a query string", False, "/", "page=2&sort=new"),
+        Kind("cookies", "no token: analytics cookies", False, "/", "", "_ga=GA1.2.3.4; ok=1"),
+        Kind(
+            "session",
+            "no token: logged-in page (reads the session)",
+            False,
+            "/account",
+            "",
+            session_cookie(app, {"user": "u42"}),
+        ),
+        Kind("landing", "token: landing from MMOLove (?mmref=)", True, "/", f"mmref={token}"),
+        Kind("pending", "token: pending visitor (cookie + session)", True, "/", "", pending),
+    ]
+
+
+def _start_response(status: str, headers: Any, exc_info: Any = None) -> None:
+    return None
+
+
+def wsgi_loop(app: Flask, kind: Kind, n: int) -> Callable[[], float]:
+    headers = {"Cookie": kind.cookie} if kind.cookie else {}
+    environ = EnvironBuilder(path=kind.path, query_string=kind.query, headers=headers).get_environ()
+
+    def run() -> float:
+        gc.collect()
+        started = time.thread_time()
+        for _ in range(n):
+            body = app(dict(environ), _start_response)
+            try:
+                for _chunk in body:
+                    pass
+            finally:
+                close = getattr(body, "close", None)
+                if close is not None:
+                    close()
+        return (time.thread_time() - started) / n * 1e6
+
+    return run
+
+
+def in_process(result: core.Result, quick: bool, workdir: str) -> None:
+    rounds, n = (3, 200) if quick else (15, 2000)
+    plain = plain_portal()
+    mmolove = MMOLove()
+    ext = referral_portal(
+        {
+            "MMOLOVE_SERVER_ID": "bench",
+            "MMOLOVE_REFERRAL_SECRET": "bench-secret",
+            "MMOLOVE_ENDPOINT": "http://127.0.0.1:9/api/referral/events",
+            "MMOLOVE_DATABASE_URI": core.sqlite_url(workdir, "overhead.sqlite3"),
+        },
+        mmolove,
+    )
+    table = result.table(
+        f"In process: µs per request, WSGI call (median of {rounds} interleaved rounds "
+        f"of {n} requests)",
+        ["request", "without", "with flask-mmolove", "extra µs", "ratio"],
+    )
+    worst_no_token = 0.0
+    for kind in request_kinds(plain):
+        cases = {"plain": wsgi_loop(plain, kind, n), "ext": wsgi_loop(ext, kind, n)}
+        for case in cases.values():  # warm-up: first requests, thread start, caches
+            case()
+        samples = core.interleaved(cases, rounds)
+        base, cand = core.median(samples["plain"]), core.median(samples["ext"])
+        ratio = core.paired_ratio(samples["ext"], samples["plain"])
+        table.add(kind.label, base, cand, cand - base, ratio)
+        result.metric(f"inprocess.{kind.key}.plain_us", base)
+        result.metric(f"inprocess.{kind.key}.ext_us", cand)
+        result.metric(f"inprocess.{kind.key}.ratio", ratio)
+        if not kind.token:
+            worst_no_token = max(worst_no_token, ratio)
+    result.metric("inprocess.no_token_worst.ratio", worst_no_token)
+    result.goal(
+        "in process, under 5% without a token",
+        worst_no_token < GOAL,
+        f"worst no-token ratio {worst_no_token:.3f}",
+    )
+    mmolove.shutdown(ext)
+
+
+_RPS = re.compile(r"Requests/sec:\s+([0-9.]+)")
+_P50 = re.compile(r"^\s*50%\s+([0-9.]+)(us|ms|s)\s*$", re.MULTILINE)
+_ERRORS = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
+_SOCKET_ERRORS = re.compile(r"Socket errors:.*")
+
+
+def run_wrk(wrk: str, url: str, cookie: str, seconds: float) -> tuple[float, float]:
+    """Requests per second and median latency (ms) of one wrk run."""
+    args = [wrk, "-t1", "-c4", f"-d{max(1, round(seconds))}s", "--latency"]
+    if cookie:
+        args += ["-H", f"Cookie: {cookie}"]
+    out = subprocess.run(
+        core.pinned([*args, url], 1), capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    rps, p50 = _RPS.search(out), _P50.search(out)
+    if rps is None or p50 is None:
+        raise RuntimeError(f"cannot read wrk's output:\n{out}")
+    errors = _ERRORS.search(out)
+    if errors is not None or _SOCKET_ERRORS.search(out):
+        raise RuntimeError(f"wrk saw errors against {url}:\n{out}")
+    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[p50.group(2)]
+    return float(rps.group(1)), float(p50.group(1)) * scale
+
+
+def gunicorn(portal: str, port: int, workdir: str) -> core.Child:
+    env = core.python_env(
+        BENCH_PORTAL=portal,
+        BENCH_DATABASE_URI=core.sqlite_url(workdir, "gunicorn.sqlite3"),
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--workers=1",
+        f"--bind=127.0.0.1:{port}",
+        "--log-level=warning",
+        "--chdir",
+        str(core.ROOT),
+        "bench.wsgi:app",
+    ]
+    child = core.Child(core.pinned(args, 0), env)
+    core.wait_for_port(port)
+    return child
+
+
+def under_gunicorn(result: core.Result, quick: bool, workdir: str) -> None:
+    wrk = core.which("wrk")
+    try:
+        import gunicorn as _gunicorn
+    except ImportError:
+        _gunicorn = None
+    if wrk is None or _gunicorn is None:
+        missing = " and ".join(
+            name for name, have in (("wrk", wrk), ("gunicorn", _gunicorn)) if have is None
+        )
+        result.notes.append(f"gunicorn + wrk part skipped: {missing} not installed")
+        result.goal("under gunicorn + wrk, under 5% without a token", None, f"no {missing}")
+        return
+    rounds, seconds = (1, 1.0) if quick else (5, 3.0)
+    ports = {"plain": core.free_port(), "referral": core.free_port()}
+    servers = [gunicorn(portal, port, workdir) for portal, port in ports.items()]
+    table = result.table(
+        f"gunicorn (1 sync worker, core 0) + wrk (-t1 -c4, core 1): requests/s and median "
+        f"latency ({rounds} interleaved rounds of {seconds:g} s)",
+        ["request", "req/s without", "req/s with", "p50 ms without", "p50 ms with", "ratio"],
+    )
+    plain_app = plain_portal()
+    kinds = [k for k in request_kinds(plain_app) if k.key in ("bare", "landing", "pending")]
+    with core.children(servers):
+        for kind in kinds:
+            path = kind.path + (f"?{kind.query}" if kind.query else "")
+            runs: dict[str, list[tuple[float, float]]] = {"plain": [], "referral": []}
+
+            def case(
+                portal: str,
+                kind: Kind = kind,
+                path: str = path,
+                runs: dict[str, list[tuple[float, float]]] = runs,
+            ) -> Callable[[], float]:
+                def run() -> float:
+                    url = f"http://127.0.0.1:{ports[portal]}{path}"
+                    rps, p50 = run_wrk(wrk, url, kind.cookie, seconds)
+                    runs[portal].append((rps, p50))
+                    return rps
+
+                return run
+
+            for portal in ports:  # warm-up
+                run_wrk(wrk, f"http://127.0.0.1:{ports[portal]}{path}", kind.cookie, 1)
+            samples = core.interleaved({p: case(p) for p in ports}, rounds)
+            # Time per request is 1/rate: the ratio of costs is plain rate over ours.
+            ratio = core.paired_ratio(samples["plain"], samples["referral"])
+            p50s = {p: core.median([r[1] for r in runs[p]]) for p in ports}
+            rps = {p: core.median(samples[p]) for p in ports}
+            table.add(
+                kind.label, rps["plain"], rps["referral"], p50s["plain"], p50s["referral"], ratio
+            )
+            result.metric(f"gunicorn.{kind.key}.plain_per_s", rps["plain"])
+            result.metric(f"gunicorn.{kind.key}.ext_per_s", rps["referral"])
+            result.metric(f"gunicorn.{kind.key}.ratio", ratio)
+    bare = result.metrics["gunicorn.bare.ratio"]
+    result.goal(
+        "under gunicorn + wrk, under 5% without a token",
+        bare < GOAL,
+        f"cost ratio {bare:.3f} (requests/s without over with)",
+    )
+
+
+def run(quick: bool) -> core.Result:
+    result = core.Result(NAME, TITLE, quick)
+    result.notes.append(
+        "ratio = time per request with flask-mmolove over without (median of per-round "
+        "ratios); under gunicorn the time per request is 1 / requests per second."
+    )
+    with tempfile.TemporaryDirectory(prefix="mmolove-bench-") as workdir:
+        in_process(result, quick, workdir)
+        under_gunicorn(result, quick, workdir)
+    return result

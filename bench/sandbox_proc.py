@@ -1,0 +1,118 @@
+"""The MMOLove sandbox in a process of its own, with a fixed latency on every event.
+
+Run by :class:`bench.core.Sandbox`; not a tool of its own. It prints one JSON line
+(``{"port": N}``) once it listens and stops when its stdin closes. The secret and server
+id come from the environment (never argv). A WSGI wrapper adds:
+
+- a sleep of ``--delay`` seconds before each ingest request is handled (the thread
+  sleeps, as MMOLove's own slowness would make the sender wait, and many requests
+  wait at once, each in its own thread);
+- ``POST /_bench/delay?seconds=S`` to change that latency;
+- ``GET /_bench/stats``: events written, answers by status, requests seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import parse_qs
+
+from werkzeug.serving import make_server
+
+from flask_mmolove.sandbox.app import INGEST_PATH, create_sandbox_app, sandbox_state
+from flask_mmolove.sandbox.server import handler_class
+
+StartResponse = Callable[..., Any]
+
+
+class Latency:
+    """WSGI middleware: MMOLove's latency, and the benchmark's control endpoints."""
+
+    def __init__(self, app: Any, delay: float) -> None:
+        self.app = app
+        self.state = sandbox_state(app)
+        self.delay = delay
+        self.answers: Counter[str] = Counter()
+        self.requests = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == INGEST_PATH:
+            if self.delay > 0:
+                time.sleep(self.delay)
+
+            def counting(status: str, headers: Any, exc_info: Any = None) -> Any:
+                with self._lock:
+                    self.requests += 1
+                    self.answers[status.split(" ", 1)[0]] += 1
+                return start_response(status, headers, exc_info)
+
+            return self.app(environ, counting)  # type: ignore[no-any-return]
+        if path == "/_bench/delay":
+            query = parse_qs(environ.get("QUERY_STRING", ""))
+            self.delay = float(query["seconds"][0])
+            return self._json(start_response, {"delay": self.delay})
+        if path == "/_bench/stats":
+            with self._lock:
+                data = {
+                    "accepted": self.state.accepted_count(),
+                    "answers": dict(self.answers),
+                    "requests": self.requests,
+                }
+            return self._json(start_response, data)
+        if path == "/_reset":
+            with self._lock:
+                self.answers.clear()
+                self.requests = 0
+        return self.app(environ, start_response)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _json(start_response: StartResponse, data: dict[str, Any]) -> list[bytes]:
+        body = json.dumps(data).encode()
+        start_response(
+            "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        )
+        return [body]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.sandbox_proc")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds added to each event")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    app = create_sandbox_app(
+        secret=os.environ["BENCH_SANDBOX_SECRET"],
+        server_id=os.environ["BENCH_SANDBOX_SERVER_ID"],
+        registration_url="http://127.0.0.1/register",
+    )
+    server = make_server(
+        "127.0.0.1",
+        args.port,
+        Latency(app, args.delay),
+        threaded=True,
+        request_handler=handler_class(quiet=True),
+    )
+    # Many keep-alive senders at once: a deeper accept queue than socketserver's 5.
+    server.socket.listen(256)
+
+    def stop_when_stdin_closes() -> None:
+        sys.stdin.read()
+        server.shutdown()
+
+    threading.Thread(target=stop_when_stdin_closes, daemon=True).start()
+    print(json.dumps({"port": server.port}), flush=True)
+    server.serve_forever(poll_interval=0.1)
+    server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""3. Delivery throughput from a backlog, against the sandbox at 0 ms and 20 ms latency.
+
+The sandbox runs in its own process. Ours: a backlog in a SQLite outbox (the default),
+drained by 1, 2 or 4 worker processes (``run_worker(burst=True)``, what ``flask
+mmolove worker --burst`` runs) with the default settings (batch 50, 4 sends at a time),
+plus one worker sending one at a time. The guide: its ``mmolove_send_event`` called
+for the same events, one after the other. Events per second = events / (last delivery
+- start); worker start-up is not counted. The sandbox must accept every event.
+
+The sandbox's own ceiling is measured too: ``wrk`` posting one pre-signed event over
+and over on 8 connections (answered as a duplicate, a little cheaper than a new event).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from flask_mmolove.protocol import SIGNATURE_HEADER, build_body, sign_referral_body
+
+from . import core
+from .events import Event, delivered_span, fill, fresh_outbox, registered_events
+from .portals import guide_send_event
+
+NAME = "throughput"
+TITLE = "Delivery throughput"
+DELAYS = (0.0, 0.020)
+
+
+def _sizes(quick: bool, delay: float) -> tuple[int, int]:
+    """Events for the senders that send one at a time, and for the others."""
+    if quick:
+        return 30, 100
+    return (1500, 2000) if delay == 0 else (150, 600)
+
+
+class Run:
+    def __init__(self, sandbox: core.Sandbox, workdir: str) -> None:
+        self.sandbox = sandbox
+        self.workdir = workdir
+        self.serial = 0
+
+    def events(self, n: int) -> list[Event]:
+        self.serial += 1
+        return registered_events(
+            n,
+            self.sandbox.server_id,
+            lambda i: self.sandbox.mint(f"r{self.serial}-{i}"),
+            start=self.serial * 1_000_000,
+        )
+
+    def check(self, n: int, what: str) -> None:
+        stats = self.sandbox.stats()
+        if stats["accepted"] != n or stats["answers"] != {"200": n}:
+            raise RuntimeError(f"{what}: the sandbox did not accept all {n} events: {stats}")
+
+    def guide(self, n: int) -> tuple[float, float]:
+        events = self.events(n)
+        send = guide_send_event()
+        self.sandbox.reset()
+        cpu0 = core.cpu_seconds(self.sandbox.pid)
+        started = time.perf_counter()
+        for e in events:
+            status, body = send(
+                self.sandbox.secret,
+                self.sandbox.server_id,
+                "registered",
+                {
+                    "token": e.token,
+                    "referee_identity": e.identity,
+                    "server_event_id": e.server_event_id,
+                },
+                self.sandbox.endpoint,
+            )
+            if status != 200:
+                raise RuntimeError(f"the guide's client got {status}: {body}")
+        elapsed = time.perf_counter() - started
+        self.check(n, "guide")
+        return n / elapsed, (core.cpu_seconds(self.sandbox.pid) - cpu0) / elapsed
+
+    def ours(self, n: int, workers: int, concurrency: int = 4) -> tuple[float, float]:
+        self.serial += 1
+        url = core.sqlite_url(self.workdir, f"throughput-{self.serial}.sqlite3")
+        with fresh_outbox(url, "mmolove_") as outbox:
+            fill(outbox, self.events(n))
+            config = {
+                "server_id": self.sandbox.server_id,
+                "endpoint": self.sandbox.endpoint,
+                "database": url,
+                "settings": {"concurrency": concurrency},
+            }
+            env = core.python_env(
+                BENCH_WORKER=json.dumps(config), BENCH_WORKER_SECRET=self.sandbox.secret
+            )
+            self.sandbox.reset()
+            procs = [core.Child.module("bench.worker_proc", env=env) for _ in range(workers)]
+            with core.children(procs):
+                for proc in procs:
+                    proc.read(timeout=60)
+                cpu0 = core.cpu_seconds(self.sandbox.pid)
+                started = time.time()
+                for proc in procs:
+                    proc.send("go")
+                reports = [proc.read(timeout=600) for proc in procs]
+            delivered, _first, last = delivered_span(outbox)
+        if delivered != n or last is None or sum(r["delivered"] for r in reports) != n:
+            raise RuntimeError(f"{workers} worker(s) delivered {delivered} of {n}: {reports}")
+        elapsed = last - started
+        self.check(n, f"{workers} worker(s)")
+        return n / elapsed, (core.cpu_seconds(self.sandbox.pid) - cpu0) / elapsed
+
+
+def sandbox_ceiling(sandbox: core.Sandbox, seconds: int) -> float | None:
+    """Requests per second the sandbox answers with 8 connections posting at once."""
+    wrk = core.which("wrk")
+    if wrk is None:
+        return None
+    token = sandbox.mint("ceiling")
+    body = build_body(
+        "registered",
+        token=token,
+        server_id=sandbox.server_id,
+        server_event_id="reg-ceiling",
+        referee_identity="ceiling",
+    )
+    header = sign_referral_body(sandbox.secret, body)
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "post.lua"
+        script.write_text(
+            'wrk.method = "POST"\n'
+            f"wrk.body = {json.dumps(body.decode())}\n"
+            'wrk.headers["Content-Type"] = "application/json"\n'
+            f'wrk.headers["{SIGNATURE_HEADER}"] = "{header}"\n'
+        )
+        out = subprocess.run(
+            [wrk, "-t1", "-c8", f"-d{seconds}s", "-s", str(script), sandbox.endpoint],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout
+    match = re.search(r"Requests/sec:\s+([0-9.]+)", out)
+    if match is None or "Non-2xx" in out:
+        raise RuntimeError(f"wrk against the sandbox:\n{out}")
+    return float(match.group(1))
+
+
+def run(quick: bool) -> core.Result:
+    rounds = 1 if quick else 3
+    result = core.Result(NAME, TITLE, quick, params={"rounds": rounds})
+    with tempfile.TemporaryDirectory(prefix="mmolove-bench-") as workdir, core.Sandbox() as sandbox:
+        bench = Run(sandbox, workdir)
+        ceiling = sandbox_ceiling(sandbox, 1 if quick else 3)
+        sandbox.reset()
+        for delay in DELAYS:
+            sandbox.set_delay(delay)
+            n_one, n_many = _sizes(quick, delay)
+            cpu: dict[str, list[float]] = {}
+
+            def case(
+                name: str,
+                func: Callable[[], tuple[float, float]],
+                cpu: dict[str, list[float]] = cpu,
+            ) -> Callable[[], float]:
+                def measure() -> float:
+                    rate, sandbox_cpu = func()
+                    cpu.setdefault(name, []).append(sandbox_cpu)
+                    return rate
+
+                return measure
+
+            cases: dict[str, Callable[[], float]] = {
+                "guide": case("guide", partial(bench.guide, n_one)),
+                "ours_c1": case("ours_c1", partial(bench.ours, n_one, 1, concurrency=1)),
+                "ours_1": case("ours_1", partial(bench.ours, n_many, 1)),
+                "ours_2": case("ours_2", partial(bench.ours, n_many, 2)),
+                "ours_4": case("ours_4", partial(bench.ours, n_many, 4)),
+            }
+            samples = core.interleaved(cases, rounds)
+            ms = round(delay * 1e3)
+            labels = {
+                "guide": f"the guide's client, one by one ({n_one} events)",
+                "ours_c1": f"flask-mmolove, 1 worker, 1 send at a time ({n_one})",
+                "ours_1": f"flask-mmolove, 1 worker, 4 sends at a time ({n_many})",
+                "ours_2": f"flask-mmolove, 2 workers ({n_many})",
+                "ours_4": f"flask-mmolove, 4 workers ({n_many})",
+            }
+            table = result.table(
+                f"Sandbox latency {ms} ms: events per second (median of {rounds} "
+                "interleaved rounds)",
+                ["sender", "events/s", "x the guide", "sandbox CPU (cores)"],
+            )
+            guide = core.median(samples["guide"])
+            for name, values in samples.items():
+                rate = core.median(values)
+                table.add(labels[name], rate, rate / guide, core.median(cpu[name]))
+                result.metric(f"delay_{ms}ms.{name}.per_s", rate)
+                result.metric(f"delay_{ms}ms.{name}.vs_guide_ratio", rate / guide)
+                result.metric(f"delay_{ms}ms.{name}.sandbox_cpu_cores", core.median(cpu[name]))
+        if ceiling is not None:
+            result.metric("sandbox_ceiling.per_s", ceiling)
+            result.notes.append(
+                f"The sandbox's own ceiling at 0 ms (wrk, 8 connections, one pre-signed "
+                f"event repeated): {ceiling:,.0f} requests/s."
+            )
+    _goals(result)
+    return result
+
+
+def _goals(result: core.Result) -> None:
+    m = result.metrics
+    ahead = min(m[f"delay_{ms}ms.ours_1.vs_guide_ratio"] for ms in (0, 20))
+    result.goal(
+        "well ahead of the guide's client",
+        ahead > 2,
+        "one worker: "
+        + ", ".join(
+            f"{m[f'delay_{ms}ms.ours_1.vs_guide_ratio']:.1f}x at {ms} ms" for ms in (0, 20)
+        ),
+    )
+    grows = m["delay_20ms.ours_4.per_s"] > 1.5 * m["delay_20ms.ours_1.per_s"]
+    result.goal(
+        "growing with deliverers until the sandbox is the limit",
+        grows,
+        f"at 20 ms: 1 → 2 → 4 workers "
+        f"{m['delay_20ms.ours_1.per_s']:,.0f} → {m['delay_20ms.ours_2.per_s']:,.0f} → "
+        f"{m['delay_20ms.ours_4.per_s']:,.0f} events/s; at 0 ms the sandbox uses "
+        f"{m['delay_0ms.ours_4.sandbox_cpu_cores']:.2f} cores with 4 workers",
+    )
