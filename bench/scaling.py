@@ -145,7 +145,9 @@ def measure_costs(
         result.metric(f"{backend}.{key.removesuffix('_us')}_growth_ratio", ratio)
 
 
-def measure_memory(result: core.Result, backend: str, url: str, events: int) -> None:
+def measure_memory(
+    result: core.Result, backend: str, url: str, events: int, max_seconds: float
+) -> None:
     prefix = core.table_prefix()
     with core.Child.module("bench.sink_proc") as sink, fresh_outbox(url, prefix) as outbox:
         endpoint = f"http://127.0.0.1:{sink.read()['port']}/api/referral/events"
@@ -160,24 +162,31 @@ def measure_memory(result: core.Result, backend: str, url: str, events: int) -> 
             "database": url,
             "prefix": prefix,
             "sample_every": max(1, events // 20),
+            "max_seconds": max_seconds,
         }
         env = core.python_env(BENCH_WORKER=json.dumps(config), BENCH_WORKER_SECRET="bench-secret")
         with core.Child.module("bench.worker_proc", env=env) as worker:
             ready = worker.read()
             worker.send("go")
-            report = worker.read(timeout=900)
-    if report["delivered"] != events:
-        raise RuntimeError(f"the worker delivered {report['delivered']} of {events}")
+            report = worker.read(timeout=max_seconds + 120)
+    delivered = int(report["delivered"])
+    if delivered == 0:
+        raise RuntimeError("the worker delivered nothing")
+    if delivered < events:
+        result.notes.append(
+            f"{backend}: the worker delivered {delivered:,} of {events:,} events within the "
+            f"{max_seconds:g} s this part may take."
+        )
     samples: list[tuple[int, float]] = [tuple(s) for s in report["rss"]]  # type: ignore[misc]
 
     def at(fraction: float) -> float:
-        target = events * fraction
+        target = delivered * fraction
         return min(samples, key=lambda s: abs(s[0] - target))[1]
 
     early, middle, end = at(0.1), at(0.5), at(1.0)
-    rate = events / (report["finished"] - report["started"])
+    rate = delivered / (report["finished"] - report["started"])
     result.table(
-        f"{backend}: resident memory of one worker delivering {events:,} events to a "
+        f"{backend}: resident memory of one worker delivering {delivered:,} events to a "
         f"minimal HTTP sink ({rate:,.0f} events/s)",
         ["ready", "after 10%", "after 50%", "after 100%", "growth 10% → 100%"],
     ).add(
@@ -192,12 +201,13 @@ def measure_memory(result: core.Result, backend: str, url: str, events: int) -> 
     result.metric(f"{backend}.memory.end_mb", end)
     result.metric(f"{backend}.memory.growth_mb", end - early)
     result.metric(f"{backend}.memory.events_per_s", rate)
+    result.metric(f"{backend}.memory.delivered", delivered)
 
 
 def run(quick: bool) -> core.Result:
     sizes = [200, 1000] if quick else [1_000, 10_000, 100_000]
     per_size, rounds = (50, 2) if quick else (300, 3)
-    memory_events = 2_000 if quick else 100_000
+    memory_events, memory_seconds = (2_000, 60.0) if quick else (100_000, 150.0)
     result = core.Result(
         NAME,
         TITLE,
@@ -216,7 +226,7 @@ def run(quick: bool) -> core.Result:
             measure_costs(result, backend, url, sizes, per_size, rounds)
         for backend, url in backends.items():
             memory_url = url if backend != "sqlite" else core.sqlite_url(workdir, "memory.sqlite3")
-            measure_memory(result, backend, memory_url, memory_events)
+            measure_memory(result, backend, memory_url, memory_events, memory_seconds)
     m = result.metrics
     growth = max(m[f"{b}.{k}_growth_ratio"] for b in backends for k in ("enqueue", "delivery"))
     result.goal(
@@ -229,9 +239,14 @@ def run(quick: bool) -> core.Result:
         ),
     )
     memory = max(m[f"{b}.memory.growth_mb"] for b in backends)
+    delivered = min(int(m[f"{b}.memory.delivered"]) for b in backends)
     result.goal(
         f"worker memory flat over {memory_events:,} events",
-        memory < 10,
-        ", ".join(f"{b}: {m[f'{b}.memory.growth_mb']:+.1f} MiB" for b in backends),
+        memory < 10 and delivered == memory_events,
+        ", ".join(
+            f"{b}: {m[f'{b}.memory.growth_mb']:+.1f} MiB over "
+            f"{int(m[f'{b}.memory.delivered']):,} events"
+            for b in backends
+        ),
     )
     return result

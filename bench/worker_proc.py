@@ -5,7 +5,7 @@ Run by the benchmarks, not by people. Configuration comes as JSON in
 ``worker`` mode, prints ``{"ready": ...}``, waits for ``go`` on stdin, delivers until
 nothing is due (``run_worker(burst=True)``, the CLI's loop) and prints what it did:
 events, wall and CPU time, and its resident memory sampled every ``sample_every``
-delivered events. It exits when stdin closes.
+delivered events. ``max_seconds`` bounds the run. It exits when stdin closes.
 """
 
 from __future__ import annotations
@@ -59,8 +59,14 @@ def main() -> int:
             samples.append((delivered, rss_mb()))
             next_sample += sample_every
 
+    limit = float(config.get("max_seconds", 0))
+    deadline = time.monotonic() + limit if limit else None
+
+    def should_stop() -> bool:
+        return deadline is not None and time.monotonic() > deadline
+
     cpu0, started = cpu_seconds(), time.time()
-    total = run_worker(deliverer, burst=True, on_pass=on_pass)
+    total = run_worker(deliverer, burst=True, on_pass=on_pass, should_stop=should_stop)
     finished = time.time()
     samples.append((delivered, rss_mb()))
     print(
