@@ -11,7 +11,7 @@ import click
 from flask.cli import with_appcontext
 
 from .delivery import Deliverer, PassReport, run_worker
-from .extension import _active_state, _get_state, _State
+from .extension import _active_state, _get_state, _State, dispatch_events
 from .outbox import Outbox
 from .protocol import build_body, classify
 
@@ -96,10 +96,10 @@ def retry_command(ids: tuple[int, ...], everything: bool) -> None:
     if not ids and not everything:
         raise click.UsageError("name the event ids to requeue, or pass --all for every dead letter")
     state, outbox, _ = _require_active()
-    count = outbox.requeue(list(ids) if ids else None)
-    click.echo(f"requeued {count} event(s)")
-    if count and state.background is not None:
-        state.background.wake()
+    requeued = outbox.requeue(list(ids) if ids else None)
+    click.echo(f"requeued {requeued} event(s)")
+    if requeued:
+        dispatch_events(state, list(ids) if ids else None)
 
 
 @mmolove_group.command("ping")

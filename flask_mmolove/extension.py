@@ -76,9 +76,14 @@ def normalize_identity(identity: object) -> str | None:
     return text
 
 
-def _dispatch(state: _State, event_ids: list[int]) -> None:
-    """Get freshly written events moving, as the delivery mode says."""
-    if not event_ids or state.deliverer is None:
+def dispatch_events(state: _State, event_ids: list[int] | None) -> None:
+    """Get freshly written (or requeued) events moving, as the delivery mode says.
+
+    The one place that knows what each mode does after a write: the request hooks, the
+    CLI's ``retry`` and the dashboard's retry all go through it. ``None``: whatever is
+    due now.
+    """
+    if event_ids == [] or state.deliverer is None:
         return
     if state.settings.delivery == "thread" and state.background is not None:
         state.background.wake()
@@ -86,8 +91,8 @@ def _dispatch(state: _State, event_ids: list[int]) -> None:
         try:
             state.deliverer.run_once(ids=event_ids)
         except Exception:
-            # The events are safe in the outbox; `flask mmolove worker` or the next
-            # inline request's retry will deliver them.
+            # The events are safe in the outbox, where `flask mmolove worker` (or
+            # `worker --burst` from cron) retries them.
             logger.exception("inline delivery failed; the events stay in the outbox")
 
 
@@ -113,7 +118,7 @@ def _write(
     event_id = write()
     if then is not None:
         then()
-    _dispatch(state, [event_id] if event_id is not None else [])
+    dispatch_events(state, [event_id] if event_id is not None else [])
 
 
 def _before_request() -> None:
@@ -173,7 +178,7 @@ def _request_finished(sender: Flask, response: Response, **extra: object) -> Non
             continue
         if event_id is not None:
             ids.append(event_id)
-    _dispatch(state, ids)
+    dispatch_events(state, ids)
 
 
 def record_registration(identity: object, *, app: Flask | None = None) -> bool:

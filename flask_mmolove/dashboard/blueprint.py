@@ -25,7 +25,7 @@ from flask import (
 )
 from werkzeug.wrappers import Response
 
-from ..extension import _dispatch, _get_state, _State
+from ..extension import _get_state, _State, dispatch_events
 from ..outbox import DEAD, PENDING, STATES, Outbox, OutboxEvent, Stats
 
 logger = logging.getLogger("flask_mmolove")
@@ -292,7 +292,7 @@ def retry(event_id: int) -> Response:
         return _back()
     if outbox.requeue([event_id]):
         logger.info("dashboard: event %d requeued by an operator", event_id)
-        _dispatch(state, [event_id])
+        dispatch_events(state, [event_id])
         flash(f"Event #{event_id} is queued to be sent again.", "success")
     else:
         flash(f"Event #{event_id} changed meanwhile; nothing was requeued.", "error")
@@ -306,7 +306,7 @@ def retry_all() -> Response:
     count = outbox.requeue(dead) if dead else 0
     if count:
         logger.info("dashboard: %d dead letter(s) requeued by an operator", count)
-        _dispatch(state, dead)
+        dispatch_events(state, dead)
     flash(f"{count} dead letter(s) queued to be sent again.", "success" if count else "error")
     return redirect(url_for(".index"), 303)
 
