@@ -174,3 +174,16 @@ def test_status_lists_events_waiting_to_retry(
     assert f"retrying #{event.id} registered reg-1000" in result.output
     assert "bad_signature" in result.output
     assert "flask mmolove retry ID" in result.output
+
+
+def test_retry_in_inline_mode_delivers_at_once(
+    make_portal: Callable[..., Flask], mmolove_sandbox: Any
+) -> None:
+    app = make_portal()  # inline
+    mmolove_sandbox.fail_next(1, status=404)
+    register(app, mmolove_sandbox, "a")
+    [event] = app.extensions["mmolove"].outbox.list_events()
+    assert event.state == "dead"
+    assert "requeued 1" in run(app, "retry", "--all").output
+    [event] = app.extensions["mmolove"].outbox.list_events()
+    assert event.state == "delivered"
