@@ -228,6 +228,16 @@ def cpu_seconds(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux)."""
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                found += process_tree(int(child))
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -344,16 +354,54 @@ def pinned(args: Sequence[str], cpu: int) -> list[str]:
 # --- the sandbox in its own process ---------------------------------------------------
 
 
-class Sandbox:
-    """``bench.sandbox_proc``: the MMOLove sandbox on its own core, with a set latency."""
+def have_gunicorn() -> bool:
+    try:
+        import gunicorn  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
-    def __init__(self, delay: float = 0.0, *, cpu: int | None = None) -> None:
+
+class Sandbox:
+    """``bench.sandbox_proc``: the MMOLove sandbox in its own process, with a set latency.
+
+    ``keep_alive``: served by gunicorn (one gthread worker, 32 threads), which keeps
+    connections open between requests, as MMOLove's front end does; otherwise by
+    werkzeug's threaded server (the sandbox's own), which closes every connection.
+    """
+
+    def __init__(self, delay: float = 0.0, *, keep_alive: bool = False) -> None:
         self.secret = secrets.token_urlsafe(32)
         self.server_id = f"bench-{secrets.token_hex(3)}"
-        env = python_env(BENCH_SANDBOX_SECRET=self.secret, BENCH_SANDBOX_SERVER_ID=self.server_id)
-        args = [sys.executable, "-m", "bench.sandbox_proc", "--delay", str(delay)]
-        self.child = Child(pinned(args, cpu) if cpu is not None else args, env)
-        self.port = int(self.child.read(timeout=30)["port"])
+        env = python_env(
+            BENCH_SANDBOX_SECRET=self.secret,
+            BENCH_SANDBOX_SERVER_ID=self.server_id,
+            BENCH_SANDBOX_DELAY=str(delay),
+        )
+        self.keep_alive = keep_alive
+        if keep_alive:
+            self.port = free_port()
+            args = [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--worker-class=gthread",
+                "--workers=1",
+                "--threads=32",
+                "--keep-alive=30",
+                "--backlog=256",
+                f"--bind=127.0.0.1:{self.port}",
+                "--log-level=warning",
+                "--chdir",
+                str(ROOT),
+                "bench.sandbox_proc:app",
+            ]
+            self.child = Child(args, env)
+            wait_for_port(self.port, timeout=30)
+        else:
+            args = [sys.executable, "-m", "bench.sandbox_proc", "--delay", str(delay)]
+            self.child = Child(args, env)
+            self.port = int(self.child.read(timeout=30)["port"])
         self.url = f"http://127.0.0.1:{self.port}"
         self.endpoint = f"{self.url}/api/referral/events"
         from flask_mmolove.sandbox.tokens import TokenMinter, derive_token_key
@@ -363,6 +411,10 @@ class Sandbox:
     @property
     def pid(self) -> int:
         return self.child.pid
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the sandbox's processes so far (gunicorn's worker included)."""
+        return sum(cpu_seconds(pid) for pid in process_tree(self.child.pid))
 
     def mint(self, code: str = "friend") -> str:
         """A token as the sandbox mints for a click on ``code``'s share link."""
@@ -397,6 +449,10 @@ class Sandbox:
         }
 
     def close(self) -> None:
+        if self.keep_alive:
+            # gunicorn does not read stdin: ask it to stop.
+            with contextlib.suppress(ProcessLookupError):
+                self.child.proc.send_signal(signal.SIGTERM)
         self.child.stop()
 
     def __enter__(self) -> Sandbox:

@@ -1,8 +1,17 @@
 """The MMOLove sandbox in a process of its own, with a fixed latency on every event.
 
-Run by :class:`bench.core.Sandbox`; not a tool of its own. It prints one JSON line
-(``{"port": N}``) once it listens and stops when its stdin closes. The secret and server
-id come from the environment (never argv). A WSGI wrapper adds:
+Run by :class:`bench.core.Sandbox`; not a tool of its own. Two ways to serve it:
+
+- ``python -m bench.sandbox_proc``: werkzeug's threaded server, as ``SandboxServer``
+  and ``python -m flask_mmolove.sandbox`` run it. It prints one JSON line
+  (``{"port": N}``) once it listens and stops when its stdin closes. Werkzeug's server
+  closes the connection after every answer.
+- ``gunicorn -k gthread bench.sandbox_proc:app``: the same app in one gunicorn
+  worker with many threads (the sandbox's state lives in that one process), which
+  keeps connections alive as MMOLove's own front end does.
+
+The secret and server id come from the environment (never argv), the latency from
+``BENCH_SANDBOX_DELAY`` or ``--delay``. A WSGI wrapper adds:
 
 - a sleep of ``--delay`` seconds before each ingest request is handled (the thread
   sleeps, as MMOLove's own slowness would make the sender wait, and many requests
@@ -83,20 +92,24 @@ class Latency:
         return [body]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.sandbox_proc")
-    parser.add_argument("--delay", type=float, default=0.0, help="seconds added to each event")
-    parser.add_argument("--port", type=int, default=0)
-    args = parser.parse_args()
+def build(delay: float) -> Latency:
     app = create_sandbox_app(
         secret=os.environ["BENCH_SANDBOX_SECRET"],
         server_id=os.environ["BENCH_SANDBOX_SERVER_ID"],
         registration_url="http://127.0.0.1/register",
     )
+    return Latency(app, delay)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.sandbox_proc")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds added to each event")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
     server = make_server(
         "127.0.0.1",
         args.port,
-        Latency(app, args.delay),
+        build(args.delay),
         threaded=True,
         request_handler=handler_class(quiet=True),
     )
@@ -116,3 +129,6 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+elif "BENCH_SANDBOX_SECRET" in os.environ:
+    # Imported by gunicorn.
+    app = build(float(os.environ.get("BENCH_SANDBOX_DELAY", "0")))
