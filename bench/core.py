@@ -261,9 +261,20 @@ def python_env(**extra: str) -> dict[str, str]:
 
 
 class Child:
-    """A helper process that speaks JSON lines on stdout; stopped when stdin closes."""
+    """A helper process that speaks JSON lines on stdout; stopped when stdin closes.
 
-    def __init__(self, args: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+    ``terminate``: the process does not read stdin (a server such as gunicorn) and is
+    stopped with SIGTERM instead.
+    """
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        *,
+        terminate: bool = False,
+    ) -> None:
+        self.terminate = terminate
         self.proc = subprocess.Popen(
             list(args),
             cwd=ROOT,
@@ -310,6 +321,9 @@ class Child:
         self.proc.stdin.flush()
 
     def stop(self, timeout: float = 10.0) -> None:
+        if self.terminate and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(OSError, ValueError):
             assert self.proc.stdin is not None
             self.proc.stdin.close()
@@ -396,7 +410,7 @@ class Sandbox:
                 str(ROOT),
                 "bench.sandbox_proc:app",
             ]
-            self.child = Child(args, env)
+            self.child = Child(args, env, terminate=True)
             wait_for_port(self.port, timeout=30)
         else:
             args = [sys.executable, "-m", "bench.sandbox_proc", "--delay", str(delay)]
@@ -449,10 +463,6 @@ class Sandbox:
         }
 
     def close(self) -> None:
-        if self.keep_alive:
-            # gunicorn does not read stdin: ask it to stop.
-            with contextlib.suppress(ProcessLookupError):
-                self.child.proc.send_signal(signal.SIGTERM)
         self.child.stop()
 
     def __enter__(self) -> Sandbox:

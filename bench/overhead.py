@@ -174,7 +174,7 @@ def gunicorn(portal: str, port: int, workdir: str) -> core.Child:
         str(core.ROOT),
         "bench.wsgi:app",
     ]
-    child = core.Child(core.pinned(args, 0), env)
+    child = core.Child(core.pinned(args, 0), env, terminate=True)
     core.wait_for_port(port)
     return child
 
