@@ -359,6 +359,10 @@ class Outbox:
             # Claiming walks this index from its start: with a large backlog it reads
             # only the due rows it returns (leased rows sit at their lease expiry).
             sa.Index(f"{p}events_due", "state", "next_attempt_at", "id"),
+            # "Waits for an older pending event of its token" (claim) looks a token's
+            # pending events up here; without it, SQLite walks every pending event for
+            # each candidate, and a claim grows with the backlog.
+            sa.Index(f"{p}events_token", "token", "state", "id"),
             # Ids are shown to operators and kept in credits: never reuse one.
             sqlite_autoincrement=True,
         )
@@ -601,9 +605,13 @@ class Outbox:
             chosen = [int(i) for i in conn.scalars(self._locking(conn, query))]
             if not chosen:
                 return []
+            # On SQLite the chosen rows are still due: BEGIN IMMEDIATE has held the
+            # write lock since the SELECT. Matched by id alone, they are found by primary
+            # key; with ``due`` SQLite walks the whole due range of the index instead.
+            still_due = due if conn.dialect.name != "sqlite" else sa.true()
             conn.execute(
                 sa.update(e)
-                .where(e.c.id.in_(chosen), due)
+                .where(e.c.id.in_(chosen), still_due)
                 .values(
                     lease_owner=owner,
                     lease_until=until,
