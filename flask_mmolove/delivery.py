@@ -112,6 +112,8 @@ class Deliverer:
         self.clock = clock
         self.jitter = jitter
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # Per thread: inline delivery runs passes in several request threads at once.
+        self._local = threading.local()
         secret = settings.secret
         forms = {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
         # A very short secret is not scrubbed: it would garble every answer.
@@ -165,12 +167,23 @@ class Deliverer:
         )
         report.claimed = len(events)
         answers = self._send_all(events, should_stop)
-        for event in events:
-            if event.id in answers:
-                result, error = answers[event.id]
-                self._settle(event, result, error, report)
-            else:
-                self._release(event, report)
+        # One transaction records every answer of the pass; the signals about them go
+        # out once it is committed, so a receiver never hears of an unrecorded answer
+        # (nor waits on the write lock this pass holds).
+        signals: list[tuple[object, dict[str, object]]] = []
+        self._local.signals = signals
+        try:
+            with self.outbox.batch():
+                for event in events:
+                    if event.id in answers:
+                        result, error = answers[event.id]
+                        self._settle(event, result, error, report)
+                    else:
+                        self._release(event, report)
+        finally:
+            self._local.signals = None
+        for signal, kwargs in signals:
+            self._emit(signal, **kwargs)
         report.credited = self.notify_credits()
         return report
 
@@ -359,6 +372,11 @@ class Deliverer:
         return True
 
     def _emit(self, signal: object, **kwargs: object) -> None:
+        signals = getattr(self._local, "signals", None)
+        if signals is not None:
+            # Inside a pass's batch: sent once the batch is committed.
+            signals.append((signal, kwargs))
+            return
         # A receiver's bug must not undo a recorded delivery; it is logged instead.
         try:
             with self.app.app_context():

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -326,6 +327,8 @@ class Outbox:
         self.engine = engine
         self.table_prefix = table_prefix
         self.clock = clock
+        # The connection of a batch() open in this thread, if any.
+        self._batch = threading.local()
         self.metadata = sa.MetaData()
         p = table_prefix
         # BIGINT on PostgreSQL; SQLite only auto-increments "INTEGER PRIMARY KEY".
@@ -997,7 +1000,29 @@ class Outbox:
     # --- plumbing -----------------------------------------------------------------
 
     @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Make the outbox calls of this thread inside the block one transaction.
+
+        Committed when the block ends, rolled back as a whole if it raises: a
+        deliverer records a pass's answers with one commit instead of one each.
+        Nested batches join the outer one.
+        """
+        if getattr(self._batch, "conn", None) is not None:
+            yield
+            return
+        with self._transaction() as conn:
+            self._batch.conn = conn
+            try:
+                yield
+            finally:
+                self._batch.conn = None
+
+    @contextmanager
     def _transaction(self, *, read_only: bool = False) -> Iterator[Connection]:
+        shared = getattr(self._batch, "conn", None)
+        if shared is not None:
+            yield shared
+            return
         try:
             conn = self.engine.connect()
         except sa_exc.DBAPIError as exc:

@@ -797,3 +797,26 @@ def test_one_tokens_events_go_in_order(outbox: Outbox, clock: FakeClock) -> None
     assert again.id == registered
     assert _accept(outbox, registered, "w3")
     assert [ev.id for ev in outbox.claim("w4", limit=10, lease=30)] == [qualified]
+
+
+def test_batch_is_one_transaction(outbox: Outbox) -> None:
+    first, second = _enqueue(outbox, 1), _enqueue(outbox, 2)
+    claimed = [ev.id for ev in outbox.claim("w", limit=10, lease=30)]
+    assert claimed == [first, second]
+
+    def fail_mid_pass() -> None:
+        with outbox.batch():
+            assert _accept(outbox, first, "w")
+            raise RuntimeError("mid-pass")
+
+    with pytest.raises(RuntimeError, match="mid-pass"):
+        fail_mid_pass()
+    # Rolled back as a whole: the first answer was not recorded either.
+    got = outbox.get(first)
+    assert got is not None
+    assert got.state == "pending"
+    with outbox.batch():
+        assert _accept(outbox, first, "w")
+        with outbox.batch():  # nested batches join the outer one
+            assert _accept(outbox, second, "w")
+    assert [outbox.get(i).state for i in (first, second)] == ["delivered", "delivered"]  # type: ignore[union-attr]
