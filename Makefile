@@ -32,7 +32,8 @@ screenshots: $(STAMP)
 	MMOLOVE_SCREENSHOTS=1 $(BIN)/pytest -q tests/browser
 
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	@command -v wrk >/dev/null 2>&1 || echo "note: wrk is not installed (apt-get install -y wrk): the gunicorn + wrk part of the overhead benchmark is skipped" >&2
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist .mypy_cache .ruff_cache
