@@ -10,7 +10,16 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flask import Flask, Response, current_app, g, has_request_context, request_finished
+from flask import (
+    Flask,
+    Response,
+    after_this_request,
+    current_app,
+    g,
+    has_request_context,
+    request,
+    request_finished,
+)
 from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 
@@ -114,6 +123,7 @@ def _write(
     """
     if has_request_context() and g.get("_mmolove_dispatching"):
         g.setdefault("_mmolove_writes", []).append((write, then))
+        _after_this_response()
         return
     event_id = write()
     if then is not None:
@@ -121,12 +131,41 @@ def _write(
     dispatch_events(state, [event_id] if event_id is not None else [])
 
 
-def _before_request() -> None:
-    state = _get_state()
-    g._mmolove_dispatching = True
-    capture.capture(state.settings.capture)
-    if state.background is not None:
-        state.background.ensure_running()
+_AFTER = "flask_mmolove.after_request"
+
+
+def _before_request_hook(state: _State) -> Callable[[], None]:
+    """The per-request hook of one app, bound to its state.
+
+    It runs on every request of the portal, so it does as little as it can: no state
+    lookup, and ``_after_request`` joins the request only when there is something to
+    do (a cookie to set or clear, events to write).
+    """
+    settings = state.settings.capture
+    background = state.background
+
+    def before_request() -> None:
+        ctx_g = g._get_current_object()
+        ctx_g._mmolove_dispatching = True
+        capture.capture(settings)
+        if "_mmolove_cookie" in ctx_g:
+            _after_this_response()
+        if background is not None and not background.running:
+            background.ensure_running()
+
+    return before_request
+
+
+def _after_this_response() -> None:
+    """Run ``_after_request`` for the current request, once.
+
+    The mark is kept in the request's environ, not in ``g``: an app context pushed
+    around several requests (pytest-flask does) shares one ``g`` between them.
+    """
+    environ = request.environ
+    if _AFTER not in environ:
+        environ[_AFTER] = True
+        after_this_request(_after_request)
 
 
 def _after_request(response: Response) -> Response:
@@ -358,8 +397,7 @@ class MMOLove:
                 background = BackgroundDelivery(deliverer)
                 _processes_to_drain.add(background)
         app.extensions[EXTENSION_KEY] = _State(settings, outbox, deliverer, background)
-        app.before_request(_before_request)
-        app.after_request(_after_request)
+        app.before_request(_before_request_hook(app.extensions[EXTENSION_KEY]))
         request_finished.connect(_request_finished, app)
         # cli.py is built on this module, so it is imported here, not at the top.
         from .cli import mmolove_group
