@@ -604,32 +604,54 @@ class Outbox:
         query = sa.select(e.c.id).where(due).order_by(e.c.next_attempt_at, e.c.id).limit(limit)
         if ids is not None:
             query = query.where(e.c.id.in_(ids))
+        rows = self._lease(
+            e,
+            e.c.id,
+            query,
+            due,
+            owner=owner,
+            until=until,
+            # Leased rows move out of the due range of the index, so the next claim
+            # does not wade through what is in flight.
+            next_attempt_at=until,
+            attempts=e.c.attempts + 1,
+            last_attempt_at=now,
+        )
+        return [self._event(row) for row in rows]
+
+    def _lease(
+        self,
+        table: sa.Table,
+        key: sa.Column[Any],
+        query: sa.Select[Any],
+        due: sa.ColumnElement[bool],
+        *,
+        owner: str,
+        until: float,
+        **values: Any,
+    ) -> list[sa.Row[Any]]:
+        """Lease the rows ``query`` picks (their ``key``s) to ``owner``; in pick order.
+
+        The one claiming mechanism of the outbox, for events and credits alike.
+        """
         with self._transaction() as conn:
-            chosen = [int(i) for i in conn.scalars(self._locking(conn, query))]
+            chosen = list(conn.scalars(self._locking(conn, query)))
             if not chosen:
                 return []
             # On SQLite the chosen rows are still due: BEGIN IMMEDIATE has held the
-            # write lock since the SELECT. Matched by id alone, they are found by primary
-            # key; with ``due`` SQLite walks the whole due range of the index instead.
+            # write lock since the SELECT. Matched by key alone, they are found by
+            # primary key; with ``due`` SQLite walks the whole due range of the index.
             still_due = due if conn.dialect.name != "sqlite" else sa.true()
             conn.execute(
-                sa.update(e)
-                .where(e.c.id.in_(chosen), still_due)
-                .values(
-                    lease_owner=owner,
-                    lease_until=until,
-                    # Leased rows move out of the due range of the index, so the next
-                    # claim does not wade through what is in flight.
-                    next_attempt_at=until,
-                    attempts=e.c.attempts + 1,
-                    last_attempt_at=now,
-                )
+                sa.update(table)
+                .where(key.in_(chosen), still_due)
+                .values(lease_owner=owner, lease_until=until, **values)
             )
             rows = conn.execute(
-                sa.select(e).where(e.c.id.in_(chosen), e.c.lease_owner == owner)
+                sa.select(table).where(key.in_(chosen), table.c.lease_owner == owner)
             ).all()
-        order = {event_id: n for n, event_id in enumerate(chosen)}
-        return sorted((self._event(row) for row in rows), key=lambda ev: order[ev.id])
+        order = {k: n for n, k in enumerate(chosen)}
+        return sorted(rows, key=lambda row: order[row._mapping[key.name]])
 
     def _waits_for_older(self) -> sa.Exists:
         """True for an event while an earlier event of its token is still pending.
@@ -933,25 +955,17 @@ class Outbox:
             .order_by(c.c.next_attempt_at, c.c.created_at, c.c.identity)
             .limit(limit)
         )
-        with self._transaction() as conn:
-            chosen = [str(i) for i in conn.scalars(self._locking(conn, query))]
-            if not chosen:
-                return []
-            conn.execute(
-                sa.update(c)
-                .where(c.c.identity.in_(chosen), due)
-                .values(
-                    lease_owner=owner,
-                    lease_until=until,
-                    next_attempt_at=until,
-                    attempts=c.c.attempts + 1,
-                )
-            )
-            rows = conn.execute(
-                sa.select(c).where(c.c.identity.in_(chosen), c.c.lease_owner == owner)
-            ).all()
-        order = {identity: n for n, identity in enumerate(chosen)}
-        credits = [
+        rows = self._lease(
+            c,
+            c.c.identity,
+            query,
+            due,
+            owner=owner,
+            until=until,
+            next_attempt_at=until,
+            attempts=c.c.attempts + 1,
+        )
+        return [
             Credit(
                 identity=row.identity,
                 token=row.token,
@@ -962,7 +976,6 @@ class Outbox:
             )
             for row in rows
         ]
-        return sorted(credits, key=lambda credit: order[credit.identity])
 
     def finish_credit(self, identity: str, owner: str) -> bool:
         """Record that ``owner`` announced the credit; False if the lease is not ours."""
