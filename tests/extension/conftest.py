@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from flask import Flask
-from portal import Recorder, build_portal
-
-from flask_mmolove import MMOLove
-
-PG_URL = os.environ.get("MMOLOVE_TEST_POSTGRES_URL")
+from portal import Recorder, portals, postgres_url
 
 
 @pytest.fixture
@@ -33,17 +28,8 @@ def portal_config(mmolove_sandbox: Any, tmp_path: Any) -> dict[str, Any]:
 @pytest.fixture
 def make_portal(portal_config: dict[str, Any]) -> Iterator[Callable[..., Flask]]:
     """Builds portals on the sandbox; stops their delivery threads afterwards."""
-    made: list[tuple[MMOLove, Flask]] = []
-
-    def factory(ext: MMOLove | None = None, **overrides: Any) -> Flask:
-        ext = ext or MMOLove()
-        app = build_portal({**portal_config, **overrides}, ext)
-        made.append((ext, app))
-        return app
-
-    yield factory
-    for ext, app in made:
-        ext.shutdown(app)
+    with portals(portal_config) as factory:
+        yield factory
 
 
 @pytest.fixture
@@ -61,8 +47,4 @@ def recorder(app: Flask) -> Iterator[Recorder]:
 
 @pytest.fixture
 def pg_uri() -> str:
-    if not PG_URL:
-        if os.environ.get("MMOLOVE_REQUIRE_ALL_TESTS"):
-            pytest.fail("MMOLOVE_TEST_POSTGRES_URL must be set in CI")
-        pytest.skip("set MMOLOVE_TEST_POSTGRES_URL to run PostgreSQL tests")
-    return PG_URL
+    return postgres_url()

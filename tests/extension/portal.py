@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -113,3 +115,31 @@ def build_portal(config: dict[str, Any], ext: MMOLove | None = None) -> Flask:
         return "level up"
 
     return app
+
+
+@contextmanager
+def portals(base_config: dict[str, Any]) -> Iterator[Callable[..., Flask]]:
+    """A factory of README-style portals on ``base_config``; stops them all at the end."""
+    made: list[tuple[MMOLove, Flask]] = []
+
+    def factory(ext: MMOLove | None = None, **overrides: Any) -> Flask:
+        ext = ext or MMOLove()
+        app = build_portal({**base_config, **overrides}, ext)
+        made.append((ext, app))
+        return app
+
+    try:
+        yield factory
+    finally:
+        for ext, app in made:
+            ext.shutdown(app)
+
+
+def postgres_url() -> str:
+    """The test PostgreSQL URL; skip without one, but fail in CI, where it must be set."""
+    url = os.environ.get("MMOLOVE_TEST_POSTGRES_URL", "").strip()
+    if not url:
+        if os.environ.get("MMOLOVE_REQUIRE_ALL_TESTS"):
+            pytest.fail("MMOLOVE_TEST_POSTGRES_URL must be set in CI")
+        pytest.skip("set MMOLOVE_TEST_POSTGRES_URL to run PostgreSQL tests")
+    return url

@@ -22,12 +22,8 @@ for extra in (HERE, HERE.parent / "extension"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
-from portal import build_portal  # noqa: E402
+from portal import portals, postgres_url  # noqa: E402
 from reliability_support import FIGURES  # noqa: E402
-
-from flask_mmolove import MMOLove  # noqa: E402
-
-PG_URL = os.environ.get("MMOLOVE_TEST_POSTGRES_URL", "").strip()
 
 
 @pytest.fixture
@@ -51,26 +47,13 @@ def portal_config(mmolove_sandbox: Any, tmp_path: Path) -> dict[str, Any]:
 @pytest.fixture
 def make_portal(portal_config: dict[str, Any]) -> Iterator[Callable[..., Flask]]:
     """Builds README-style portals on the sandbox; stops their delivery afterwards."""
-    made: list[tuple[MMOLove, Flask]] = []
-
-    def factory(ext: MMOLove | None = None, **overrides: Any) -> Flask:
-        ext = ext or MMOLove()
-        app = build_portal({**portal_config, **overrides}, ext)
-        made.append((ext, app))
-        return app
-
-    yield factory
-    for ext, app in made:
-        ext.shutdown(app)
+    with portals(portal_config) as factory:
+        yield factory
 
 
 @pytest.fixture
 def pg_uri() -> str:
-    if not PG_URL:
-        if os.environ.get("MMOLOVE_REQUIRE_ALL_TESTS"):
-            pytest.fail("MMOLOVE_TEST_POSTGRES_URL must be set in CI")
-        pytest.skip("set MMOLOVE_TEST_POSTGRES_URL to run PostgreSQL tests")
-    return PG_URL
+    return postgres_url()
 
 
 @pytest.fixture
