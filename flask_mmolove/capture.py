@@ -66,25 +66,15 @@ def _session_may_hold_token(cookie_header: str) -> bool:
     return interface.get_cookie_name(app) in cookie_header
 
 
-def capture(settings: CaptureSettings) -> None:
-    """Put the pending token (or None) in ``g.mmref``; runs before every request."""
-    # Runs on every request of the portal, so it is written for the common case: the
-    # proxies are resolved once, and the raw environ is read so that a request the
-    # view does not parse is not parsed here either.
-    ctx_g = g._get_current_object()
-    ctx_g.mmref = None
-    environ = request.environ
-    query = environ.get("QUERY_STRING")
-    cookie_header = environ.get("HTTP_COOKIE")
-    # With no query string and no cookies there is no token anywhere, not even in the
-    # session (which lives in a cookie too).
-    if query or cookie_header:
-        _capture(settings, ctx_g, query, cookie_header)
-
-
-def _capture(
+def capture(
     settings: CaptureSettings, ctx_g: Any, query: str | None, cookie_header: str | None
 ) -> None:
+    """Put the pending token in ``g.mmref``; ``query`` and ``cookie_header`` are raw.
+
+    The request hook calls it only for a request that has a query string or cookies:
+    with neither there is no token anywhere, not even in the session (which lives in a
+    cookie too), and ``g.mmref`` stays None.
+    """
     pending = None
     if cookie_header:
         if _session_may_hold_token(cookie_header):

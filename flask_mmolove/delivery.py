@@ -413,6 +413,10 @@ class BackgroundDelivery:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop_at: float | None = None
+        #: Set when the thread starts, cleared when its loop returns: a plain attribute,
+        #: because the request hook reads it on every request (``running`` asks the
+        #: thread, which costs a lock).
+        self.started = False
         _live.add(self)
 
     def after_fork(self) -> None:
@@ -422,6 +426,7 @@ class BackgroundDelivery:
         self._wake = threading.Event()
         self._thread = None
         self._stop_at = None
+        self.started = False
 
     @property
     def running(self) -> bool:
@@ -439,6 +444,7 @@ class BackgroundDelivery:
                 return
             self._stop_at = None
             self._thread = threading.Thread(target=self._run, name="mmolove-delivery", daemon=True)
+            self.started = True
             self._thread.start()
 
     def wake(self) -> None:
@@ -456,6 +462,12 @@ class BackgroundDelivery:
         self.deliverer.close()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self.started = False
+
+    def _loop(self) -> None:
         settings = self.deliverer.settings
         while True:
             self._wake.clear()

@@ -5,13 +5,15 @@ from __future__ import annotations
 import atexit
 import logging
 import random
+import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flask import (
     Flask,
+    Request,
     Response,
     after_this_request,
     current_app,
@@ -38,6 +40,46 @@ EXTENSION_KEY = "mmolove"
 MAX_IDENTITY_LENGTH = SERVER_EVENT_ID_MAX - len("qual-")
 
 
+class _CommitPoint:
+    """Writes a request's events once its response is final, listening only then.
+
+    Flask's ``request_finished`` comes after every ``after_request`` hook and the
+    session save: the first moment a response is known to be the one the player gets.
+    A receiver connected for good would cost every request of the portal blinker's
+    dispatch (about a microsecond, as much as the rest of the extension together), so
+    the first request with events to write connects it and the last one disconnects
+    it. Requests are held weakly: one that never reaches ``request_finished`` (Flask
+    failed even to answer its error, and its events are rightly dropped) leaves the
+    set when it is collected, and the receiver still goes.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: weakref.WeakSet[Request] = weakref.WeakSet()
+
+    def expect(self, app: Flask, req: Request) -> None:
+        """``req`` has events to write when it finishes."""
+        with self._lock:
+            if not self._waiting:
+                request_finished.connect(self._finished, app, weak=False)
+            self._waiting.add(req)
+
+    def _finished(self, sender: Flask, response: Response, **extra: object) -> None:
+        req: Request = request._get_current_object()  # type: ignore[attr-defined]
+        # Over: a write made from now on, in a context the test client or the debugger
+        # keeps, happens at once instead of waiting for a response that has gone.
+        req.environ.pop(_DISPATCHING, None)
+        writes: list[Callable[[], int | None]] | None = g.pop("_mmolove_commit", None)
+        with self._lock:
+            self._waiting.discard(req)
+            if not self._waiting:
+                # From every sender, which is to say from this app: the receiver is
+                # this object's own, so blinker forgets it entirely.
+                request_finished.disconnect(self._finished)
+        if writes:
+            _commit(sender, response, writes)
+
+
 @dataclass
 class _State:
     """Everything the extension keeps for one app, in ``app.extensions["mmolove"]``."""
@@ -48,6 +90,7 @@ class _State:
     deliverer: Deliverer | None
     #: The per-process thread, in ``thread`` delivery mode only.
     background: BackgroundDelivery | None
+    commit_point: _CommitPoint = field(default_factory=_CommitPoint)
 
     def __repr__(self) -> str:
         return f"<flask_mmolove state delivery={self.settings.delivery!r}>"
@@ -121,7 +164,7 @@ def _write(
     happens at once. ``then`` (forgetting the token) runs when the response is known
     to be a success, early enough to reach the session and the cookie.
     """
-    if has_request_context() and g.get("_mmolove_dispatching"):
+    if has_request_context() and _DISPATCHING in request.environ:
         g.setdefault("_mmolove_writes", []).append((write, then))
         _after_this_response()
         return
@@ -131,7 +174,15 @@ def _write(
     dispatch_events(state, [event_id] if event_id is not None else [])
 
 
+# Marks in the request's environ, not in ``g``: an app context pushed around several
+# requests (pytest-flask does) shares one ``g`` between them.
+#: The request is being dispatched: a response will come (not a bare
+#: ``test_request_context``).
+_DISPATCHING = "flask_mmolove.dispatching"
+#: ``_after_request`` has joined the request.
 _AFTER = "flask_mmolove.after_request"
+#: Werkzeug's key for "this request's contexts are kept after the response".
+_PRESERVE = "werkzeug.debug.preserve_context"
 
 
 def _before_request_hook(state: _State) -> Callable[[], None]:
@@ -145,23 +196,31 @@ def _before_request_hook(state: _State) -> Callable[[], None]:
     background = state.background
 
     def before_request() -> None:
+        # The proxies' attribute lookups cost more than the rest of the hook: each
+        # object is resolved once.
         ctx_g = g._get_current_object()
-        ctx_g._mmolove_dispatching = True
-        capture.capture(settings)
-        if "_mmolove_cookie" in ctx_g:
-            _after_this_response()
-        if background is not None and not background.running:
+        ctx_g.mmref = None
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        environ = req.environ
+        environ[_DISPATCHING] = True
+        if _PRESERVE in environ:
+            # Only in tests (`with client:`) and the debugger: the mark must go when
+            # the request finishes, which needs the commit point's receiver.
+            state.commit_point.expect(current_app._get_current_object(), req)  # type: ignore[attr-defined]
+        query = environ.get("QUERY_STRING")
+        cookie_header = environ.get("HTTP_COOKIE")
+        if query or cookie_header:
+            capture.capture(settings, ctx_g, query, cookie_header)
+            if "_mmolove_cookie" in ctx_g:
+                _after_this_response()
+        if background is not None and not background.started:
             background.ensure_running()
 
     return before_request
 
 
 def _after_this_response() -> None:
-    """Run ``_after_request`` for the current request, once.
-
-    The mark is kept in the request's environ, not in ``g``: an app context pushed
-    around several requests (pytest-flask does) shares one ``g`` between them.
-    """
+    """Run ``_after_request`` for the current request, once."""
     environ = request.environ
     if _AFTER not in environ:
         environ[_AFTER] = True
@@ -178,9 +237,13 @@ def _after_request(response: Response) -> Response:
             for _, then in writes:
                 if then is not None:
                     then()
-            # Written in _request_finished: a later hook or the session save can
-            # still fail this request.
+            # Written when the request finishes: a later hook or the session save
+            # can still fail it.
             g._mmolove_commit = [write for write, _ in writes]
+            state.commit_point.expect(
+                current_app._get_current_object(),  # type: ignore[attr-defined]
+                request._get_current_object(),  # type: ignore[attr-defined]
+            )
         else:
             _discarded(len(writes), response.status_code)
     capture.write_cookie(state.settings.capture, response)
@@ -191,17 +254,14 @@ def _discarded(count: int, status: int) -> None:
     logger.info("discarded %d referral event(s): the request failed with %d", count, status)
 
 
-def _request_finished(sender: Flask, response: Response, **extra: object) -> None:
+def _commit(app: Flask, response: Response, writes: list[Callable[[], int | None]]) -> None:
     """Write a successful request's events, now that its response is final."""
-    writes: list[Callable[[], int | None]] | None = g.pop("_mmolove_commit", None)
-    if not writes:
-        return
     if response.status_code >= 400:
         # The view succeeded, then a later after_request hook or the session save
         # failed and Flask answered with an error instead.
         _discarded(len(writes), response.status_code)
         return
-    state = _get_state(sender)
+    state = _get_state(app)
     ids = []
     for write in writes:
         try:
@@ -398,7 +458,6 @@ class MMOLove:
                 _processes_to_drain.add(background)
         app.extensions[EXTENSION_KEY] = _State(settings, outbox, deliverer, background)
         app.before_request(_before_request_hook(app.extensions[EXTENSION_KEY]))
-        request_finished.connect(_request_finished, app)
         # cli.py is built on this module, so it is imported here, not at the top.
         from .cli import mmolove_group
 

@@ -9,7 +9,7 @@ import pytest
 from flask import Flask
 from portal import Recorder, wait_for
 
-from flask_mmolove import Outcome, player_qualified
+from flask_mmolove import MMOLove, Outcome, player_qualified
 
 
 def accepted(sandbox: Any, event: str) -> list[Any]:
@@ -66,6 +66,24 @@ def test_thread_journey(make_portal: Any, mmolove_sandbox: Any) -> None:
     assert len(accepted(mmolove_sandbox, "qualified")) == 1
     assert app.extensions["mmolove"].background.running
     recorder.disconnect()
+
+
+def test_delivery_thread_restarts_on_the_next_request(
+    make_portal: Any, mmolove_sandbox: Any
+) -> None:
+    ext = MMOLove()
+    app = make_portal(ext, MMOLOVE_DELIVERY="thread")
+    background = app.extensions["mmolove"].background
+    client = app.test_client()
+    client.get("/page")
+    assert background.started
+    assert background.running
+    ext.shutdown(app)
+    assert not background.started
+    assert not background.running
+    register(client, mmolove_sandbox.mint_token())
+    assert background.started
+    wait_for(lambda: accepted(mmolove_sandbox, "registered"), what="registered")
 
 
 def test_worker_journey(make_portal: Any, mmolove_sandbox: Any) -> None:
