@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final
 
-from flask import Response, current_app, g, request, session
+from flask import Request, Response, current_app, g, request, session
 from flask.sessions import SecureCookieSessionInterface
 
 logger = logging.getLogger("flask_mmolove")
@@ -66,22 +66,27 @@ def _session_may_hold_token(cookie_header: str) -> bool:
     return interface.get_cookie_name(app) in cookie_header
 
 
-def capture(
-    settings: CaptureSettings, ctx_g: Any, query: str | None, cookie_header: str | None
-) -> None:
-    """Put the pending token in ``g.mmref``; ``query`` and ``cookie_header`` are raw.
+def capture(settings: CaptureSettings, ctx_g: Any, req: Request) -> bool:
+    """Put the pending token in ``g.mmref`` (the hook has set it to None).
 
-    The request hook calls it only for a request that has a query string or cookies:
-    with neither there is no token anywhere, not even in the session (which lives in a
-    cookie too), and ``g.mmref`` stays None.
+    Returns True when the response must set our cookie. The request hook calls it only
+    for a request with a query string or cookies: with neither there is no token
+    anywhere, not even in the session (which lives in a cookie too). It runs on most
+    requests of a portal, so it reads the raw environ and resolves the session proxy
+    at most once.
     """
+    environ = req.environ
+    query = environ.get("QUERY_STRING")
+    cookie_header = environ.get("HTTP_COOKIE")
     pending = None
+    sess = None
     if cookie_header:
         if _session_may_hold_token(cookie_header):
-            pending = valid_token(session.get(settings.session_key))
+            sess = session._get_current_object()  # type: ignore[attr-defined]
+            pending = valid_token(sess.get(settings.session_key))
         # The header is only parsed when it can hold our cookie.
         if pending is None and settings.cookie_name in cookie_header:
-            raw = request.cookies.get(settings.cookie_name)
+            raw = req.cookies.get(settings.cookie_name)
             if raw is not None:
                 pending = valid_token(raw)
                 if pending is None:
@@ -89,7 +94,7 @@ def capture(
     # Only a query string that names mmref, or escapes a character, can carry it.
     raw_query = None
     if query and (QUERY_PARAM in query or "%" in query):
-        raw_query = request.args.get(QUERY_PARAM)
+        raw_query = req.args.get(QUERY_PARAM)
     if raw_query is not None:
         fresh = valid_token(raw_query)
         if fresh is None:
@@ -99,11 +104,16 @@ def capture(
             ctx_g._mmolove_cookie = _SET
         elif fresh != pending:
             logger.debug("kept the first pending mmref; a later one arrived (first touch)")
-        elif settings.cookie_name not in request.cookies:
+        elif settings.cookie_name not in req.cookies:
             ctx_g._mmolove_cookie = _SET
-    if pending is not None and session.get(settings.session_key) != pending:
-        session[settings.session_key] = pending
+    if pending is None:
+        return False
+    if sess is None:
+        sess = session._get_current_object()  # type: ignore[attr-defined]
+    if sess.get(settings.session_key) != pending:
+        sess[settings.session_key] = pending
     ctx_g.mmref = pending
+    return "_mmolove_cookie" in ctx_g
 
 
 def forget(settings: CaptureSettings) -> None:

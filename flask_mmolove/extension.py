@@ -207,12 +207,10 @@ def _before_request_hook(state: _State) -> Callable[[], None]:
             # Only in tests (`with client:`) and the debugger: the mark must go when
             # the request finishes, which needs the commit point's receiver.
             state.commit_point.expect(current_app._get_current_object(), req)  # type: ignore[attr-defined]
-        query = environ.get("QUERY_STRING")
-        cookie_header = environ.get("HTTP_COOKIE")
-        if query or cookie_header:
-            capture.capture(settings, ctx_g, query, cookie_header)
-            if "_mmolove_cookie" in ctx_g:
-                _after_this_response()
+        if (environ.get("QUERY_STRING") or environ.get("HTTP_COOKIE")) and capture.capture(
+            settings, ctx_g, req
+        ):
+            _after_this_response()
         if background is not None and not background.started:
             background.ensure_running()
 
