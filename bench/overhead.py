@@ -10,6 +10,7 @@ costs end to end. Both portals serve the same requests; the only difference is
 from __future__ import annotations
 
 import gc
+import json
 import re
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flask import Flask
@@ -30,7 +32,10 @@ from .portals import plain_portal, referral_portal
 
 NAME = "overhead"
 TITLE = "Request overhead"
+#: Requests served before anything is measured (first-request setup, caches).
+WARM_UP = 100
 GOAL = 1.05
+PORTALS = ("plain", "referral")
 
 
 @dataclass(frozen=True)
@@ -72,22 +77,31 @@ def _start_response(status: str, headers: Any, exc_info: Any = None) -> None:
     return None
 
 
-def wsgi_loop(app: Flask, kind: Kind, n: int) -> Callable[[], float]:
+def environ_for(kind: Kind) -> dict[str, Any]:
     headers = {"Cookie": kind.cookie} if kind.cookie else {}
-    environ = EnvironBuilder(path=kind.path, query_string=kind.query, headers=headers).get_environ()
+    return EnvironBuilder(path=kind.path, query_string=kind.query, headers=headers).get_environ()
+
+
+def serve(app: Flask, environ: dict[str, Any], n: int) -> None:
+    """``n`` WSGI calls of ``app`` with a fresh copy of ``environ``, bodies consumed."""
+    for _ in range(n):
+        body = app(dict(environ), _start_response)
+        try:
+            for _chunk in body:
+                pass
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+
+
+def wsgi_loop(app: Flask, kind: Kind, n: int) -> Callable[[], float]:
+    environ = environ_for(kind)
 
     def run() -> float:
         gc.collect()
         started = time.thread_time()
-        for _ in range(n):
-            body = app(dict(environ), _start_response)
-            try:
-                for _chunk in body:
-                    pass
-            finally:
-                close = getattr(body, "close", None)
-                if close is not None:
-                    close()
+        serve(app, environ, n)
         return (time.thread_time() - started) / n * 1e6
 
     return run
@@ -127,11 +141,107 @@ def in_process(result: core.Result, quick: bool, workdir: str) -> None:
             worst_no_token = max(worst_no_token, ratio)
     result.metric("inprocess.no_token_worst.ratio", worst_no_token)
     result.goal(
-        "in process, under 5% without a token",
+        "in process, under 5% without a token (CPU time)",
         worst_no_token < GOAL,
         f"worst no-token ratio {worst_no_token:.3f}",
     )
     mmolove.shutdown(ext)
+
+
+_TOTALS = re.compile(r"^totals:\s+(\d+)", re.MULTILINE)
+
+
+def _count(valgrind: str, portal: str, workdir: str, n1: int, n2: int, keys: list[str]) -> Any:
+    """Start ``bench.count_proc`` under callgrind; returns the process and its dump folder."""
+    out = Path(workdir) / f"callgrind-{portal}"
+    out.mkdir()
+    args = [
+        valgrind,
+        "--tool=callgrind",
+        "--dump-before=getppid",
+        f"--callgrind-out-file={out}/callgrind.out.%p",
+        sys.executable,
+        "-m",
+        "bench.count_proc",
+        portal,
+        core.sqlite_url(workdir, f"count-{portal}.sqlite3"),
+        str(n1),
+        str(n2),
+        *keys,
+    ]
+    # A fixed hash seed: the same dict layouts, so the same instructions, run after run.
+    env = core.python_env(PYTHONHASHSEED="0")
+    process = subprocess.Popen(
+        args, cwd=core.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    return process, out
+
+
+def _phases(process: Any, out: Path) -> dict[str, int]:
+    """Instructions counted in each phase the child printed, by phase label."""
+    stdout, stderr = process.communicate(timeout=1800)
+    if process.returncode != 0:
+        raise RuntimeError(f"the callgrind run failed ({process.returncode}): {stderr[-2000:]}")
+    labels = json.loads(stdout.strip().splitlines()[-1])
+    # callgrind.out.<pid>.<k>: the k-th dump, at the k-th boundary.
+    dumps = sorted(
+        (int(path.name.rsplit(".", 1)[1]), path)
+        for path in out.glob("callgrind.out.*.*")
+        if path.name.rsplit(".", 1)[1].isdigit()
+    )
+    if len(dumps) < len(labels):
+        raise RuntimeError(f"expected {len(labels)} callgrind dumps, found {len(dumps)} in {out}")
+    counts = {}
+    for label, (_, path) in zip(labels, dumps, strict=False):
+        match = _TOTALS.search(path.read_text())
+        if match is None:
+            raise RuntimeError(f"no totals line in {path}")
+        counts[label] = int(match.group(1))
+    return counts
+
+
+def instructions(result: core.Result, quick: bool, workdir: str) -> None:
+    """Instructions per request, counted by callgrind in the same request loop.
+
+    Unlike time, a count does not move with what else the machine (or its host) is
+    doing: the same code gives the same figure, run after run.
+    """
+    text = "in process, under 5% without a token (instructions)"
+    valgrind = core.which("valgrind")
+    if valgrind is None:
+        result.notes.append("instruction counts skipped: valgrind is not installed")
+        result.goal(text, None, "no valgrind")
+        return
+    n1, n2 = (20, 120) if quick else (200, 1200)
+    kinds = request_kinds(plain_portal())
+    if quick:
+        kinds = [kind for kind in kinds if kind.key in ("bare", "landing")]
+    keys = [kind.key for kind in kinds]
+    # Both portals at once, one per core; each count is exact whatever runs beside it.
+    runs = {portal: _count(valgrind, portal, workdir, n1, n2, keys) for portal in PORTALS}
+    counts = {portal: _phases(*run) for portal, run in runs.items()}
+    table = result.table(
+        f"In process: instructions per request, counted by callgrind (the difference of "
+        f"{n2} and {n1} requests, over {n2 - n1})",
+        ["request", "without", "with flask-mmolove", "extra", "ratio"],
+    )
+    worst_no_token = 0.0
+    for kind in kinds:
+        per_request = {
+            portal: (counts[portal][f"n2:{kind.key}"] - counts[portal][f"n1:{kind.key}"])
+            / (n2 - n1)
+            for portal in PORTALS
+        }
+        base, cand = per_request["plain"], per_request["referral"]
+        ratio = cand / base
+        table.add(kind.label, base, cand, cand - base, ratio)
+        result.metric(f"instructions.{kind.key}.plain", base)
+        result.metric(f"instructions.{kind.key}.ext", cand)
+        result.metric(f"instructions.{kind.key}.ratio", ratio)
+        if not kind.token:
+            worst_no_token = max(worst_no_token, ratio)
+    result.metric("instructions.no_token_worst.ratio", worst_no_token)
+    result.goal(text, worst_no_token < GOAL, f"worst no-token ratio {worst_no_token:.3f}")
 
 
 _RPS = re.compile(r"Requests/sec:\s+([0-9.]+)")
@@ -249,6 +359,7 @@ def run(quick: bool) -> core.Result:
         "ratios); under gunicorn the time per request is 1 / requests per second."
     )
     with tempfile.TemporaryDirectory(prefix="mmolove-bench-") as workdir:
+        instructions(result, quick, workdir)
         in_process(result, quick, workdir)
         under_gunicorn(result, quick, workdir)
     return result

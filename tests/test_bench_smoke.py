@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,16 @@ def test_benchmark_runs_quick_and_reports(name: str, tmp_path: Path) -> None:
     assert report.startswith("# Benchmark results")
     assert result["title"] in report
     assert result["title"] in done.stdout
+    if name == "overhead":
+        _check_tools_were_used(result)
+
+
+def _check_tools_were_used(result: dict[str, Any]) -> None:
+    """The parts that need valgrind and wrk ran wherever those are installed (CI's)."""
+    required = os.environ.get("MMOLOVE_REQUIRE_ALL_TESTS") == "1"
+    for tool, metric in (("valgrind", "instructions.bare.ratio"), ("wrk", "gunicorn.bare.ratio")):
+        if shutil.which(tool) is not None or required:
+            assert metric in result["metrics"], f"{tool} is installed but {metric} is missing"
 
 
 def test_unknown_benchmark_is_refused() -> None:
