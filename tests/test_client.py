@@ -581,6 +581,45 @@ def test_given_session_is_used_and_closed() -> None:
         assert len(adapter.poolmanager.pools) == 0
 
 
+def test_session_headers_and_mounted_adapters_are_used() -> None:
+    sends: list[str] = []
+
+    class Counting(requests.adapters.HTTPAdapter):
+        def send(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+            sends.append(request.url)
+            return super().send(request, *args, **kwargs)
+
+    session = requests.Session()
+    session.headers["X-Portal"] = "emberfall"
+    session.mount("http://", Counting())
+    with (
+        tiny_server(ok_answer) as tiny,
+        ReferralClient("srv", "s3cret", tiny.endpoint, session=session) as c,
+    ):
+        # Read at each send, not frozen at construction.
+        session.headers["X-Portal-Region"] = "eu"
+        assert c.qualified("tok", server_event_id="q", ts=1).ok
+    (seen,) = tiny.seen
+    assert seen.headers["x-portal"] == "emberfall"
+    assert seen.headers["x-portal-region"] == "eu"
+    assert seen.headers["user-agent"] == f"flask-mmolove/{flask_mmolove.__version__}"
+    assert sends == [tiny.endpoint]
+
+
+def test_a_proxy_from_the_environment_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    endpoint = "http://mmolove.invalid/api/referral/events"
+    with tiny_server(ok_answer) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        with ReferralClient("srv", "s3cret", endpoint) as c:
+            assert c.qualified("tok", server_event_id="q", ts=1).ok
+    (seen,) = proxy.seen
+    # A forward proxy is asked for the absolute URL.
+    assert seen.path == endpoint
+    verify_signature("s3cret", seen.body, seen.headers["x-mmolove-signature"])
+
+
 # --- compatibility with the guide's from-scratch client -------------------------------
 
 
