@@ -329,6 +329,8 @@ class Outbox:
         self.clock = clock
         # The connection of a batch() open in this thread, if any.
         self._batch = threading.local()
+        # _end_lease's statements, by the columns they set.
+        self._lease_ends: dict[tuple[str, ...], sa.Update] = {}
         self.metadata = sa.MetaData()
         p = table_prefix
         # BIGINT on PostgreSQL; SQLite only auto-increments "INTEGER PRIMARY KEY".
@@ -697,22 +699,18 @@ class Outbox:
         e = self.events
         now = self.clock()
         with self._transaction() as conn:
-            done = conn.execute(
-                sa.update(e)
-                .where(e.c.id == event_id, e.c.lease_owner == owner, e.c.state == PENDING)
-                .values(
-                    state=DELIVERED,
-                    delivered_at=now,
-                    last_status=status,
-                    last_reason=None,
-                    last_error=None,
-                    response=_clip(response, TEXT_MAX),
-                    outcome=_clip(outcome, OUTCOME_MAX),
-                    lease_owner=None,
-                    lease_until=None,
-                )
-            )
-            if done.rowcount != 1:
+            if not self._end_lease(
+                conn,
+                event_id,
+                owner,
+                state=DELIVERED,
+                delivered_at=now,
+                last_status=status,
+                last_reason=None,
+                last_error=None,
+                response=_clip(response, TEXT_MAX),
+                outcome=_clip(outcome, OUTCOME_MAX),
+            ):
                 return False
             if credit:
                 row = conn.execute(
@@ -768,14 +766,40 @@ class Outbox:
         )
 
     def _settle(self, event_id: int, owner: str, **values: Any) -> bool:
-        e = self.events
         with self._transaction() as conn:
-            done = conn.execute(
+            return self._end_lease(conn, event_id, owner, **values)
+
+    def _end_lease(self, conn: Connection, event_id: int, owner: str, **values: Any) -> bool:
+        """Set ``values`` on a pending event and end ``owner``'s lease on it.
+
+        False, and nothing changed, when ``owner`` no longer holds the lease.
+        """
+        columns = tuple(sorted(values))
+        statement = self._lease_ends.get(columns)
+        if statement is None:
+            # Built once per set of columns and reused with new parameters: building
+            # and caching a statement afresh cost four times what executing it does,
+            # once per delivered event.
+            e = self.events
+            statement = (
                 sa.update(e)
-                .where(e.c.id == event_id, e.c.lease_owner == owner, e.c.state == PENDING)
-                .values(lease_owner=None, lease_until=None, **values)
+                .where(
+                    e.c.id == sa.bindparam("k_id"),
+                    e.c.lease_owner == sa.bindparam("k_owner"),
+                    e.c.state == PENDING,
+                )
+                .values(
+                    {
+                        **{name: sa.bindparam(f"v_{name}") for name in columns},
+                        "lease_owner": None,
+                        "lease_until": None,
+                    }
+                )
             )
-            return done.rowcount == 1
+            self._lease_ends[columns] = statement
+        params = {f"v_{name}": value for name, value in values.items()}
+        done = conn.execute(statement, {"k_id": event_id, "k_owner": owner, **params})
+        return done.rowcount == 1
 
     def requeue(self, ids: Sequence[int] | None = None) -> int:
         """Make events due now; return how many changed.
