@@ -382,6 +382,9 @@ class Sandbox:
     ``keep_alive``: served by gunicorn (one gthread worker, 32 threads), which keeps
     connections open between requests, as MMOLove's front end does; otherwise by
     werkzeug's threaded server (the sandbox's own), which closes every connection.
+    Either way the process keeps to one CPU (``sandbox_proc.keep_to_one_cpu``), as a
+    remote MMOLove would take none of the senders' cores: its CPU figure is at most
+    one core.
     """
 
     def __init__(self, delay: float = 0.0, *, keep_alive: bool = False) -> None:
