@@ -59,9 +59,6 @@ def create_sandbox_app(
     default is derived from ``secret``. The registration URL may be plain http here,
     for local portals; real MMOLove requires public https.
     """
-    parts = urlsplit(registration_url) if isinstance(registration_url, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"registration_url must be an http(s) URL, got {registration_url!r}")
     state = SandboxState(
         secret=secret,
         server_id=server_id,

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Final, Literal
+from urllib.parse import urlsplit
 
 from ..protocol import (
     DEFAULT_TOLERANCE,
@@ -263,8 +264,9 @@ class SandboxState:
             raise ValueError("secret must be a non-empty string")
         if not isinstance(server_id, str) or not server_id.strip():
             raise ValueError("server_id must be a non-empty string")
-        if not isinstance(registration_url, str) or not registration_url:
-            raise ValueError("registration_url must be a URL")
+        parts = urlsplit(registration_url) if isinstance(registration_url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"registration_url must be an http(s) URL, got {registration_url!r}")
         if tolerance < 0:
             raise ValueError("tolerance must not be negative")
         self.server_id = server_id.strip()
