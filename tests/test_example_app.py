@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
+from support import wait_for
 
 from example_app import create_app
 from example_app.demo import DemoServer, ensure_admin, main
@@ -29,16 +29,6 @@ from flask_mmolove import Outcome, referrer_credited
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "correct horse battery"
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "it") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def csrf_token(html: str) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from support import FakeClock
 
 from flask_mmolove.outbox import (
     DEAD,
@@ -35,17 +36,6 @@ from flask_mmolove.outbox import (
 PG_URL = os.environ.get("MMOLOVE_TEST_POSTGRES_URL", "").strip()
 REQUIRE_ALL = os.environ.get("MMOLOVE_REQUIRE_ALL_TESTS") == "1"
 T0 = 1_700_000_000.0
-
-
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def _pg_url() -> str:
@@ -77,7 +67,7 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(T0)
 
 
 @pytest.fixture

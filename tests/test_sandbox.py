@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
+from support import FakeClock
 
 from flask_mmolove import Action, Outcome, ReferralClient, TransportError, classify
 from flask_mmolove.protocol import SIGNATURE_HEADER, sign_referral_body
@@ -32,22 +33,9 @@ T0 = 1_700_000_000
 MISSING = object()
 
 
-class FakeClock:
-    """MMOLove's clock, moved by hand."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = float(now)
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(T0)
 
 
 @pytest.fixture

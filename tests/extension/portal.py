@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,17 +20,6 @@ from flask_mmolove import (
     referrer_credited,
     set_referee,
 )
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "it") -> Any:
-    """Poll until ``predicate()`` is truthy; fail naming ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 class Recorder:

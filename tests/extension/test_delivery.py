@@ -11,25 +11,15 @@ from typing import Any
 import pytest
 from flask import Flask
 from portal import Recorder
+from support import FakeClock
 
 from flask_mmolove import MMOLove, Outcome
 from flask_mmolove.protocol import parse_signature_header
 
 
-class FakeClock:
-    def __init__(self, start: float = 1_900_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1_900_000_000.0)
 
 
 @pytest.fixture

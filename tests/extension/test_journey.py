@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from portal import Recorder, wait_for
+from portal import Recorder
+from support import wait_for
 
 from flask_mmolove import MMOLove, Outcome, player_qualified
 

@@ -19,7 +19,8 @@ import pytest
 from flask import Flask
 from hypothesis import example, given
 from hypothesis import strategies as st
-from reliability_support import FakeClock, outbox_of, record_figures, register, state
+from reliability_support import outbox_of, record_figures, register, state
+from support import FakeClock
 
 from flask_mmolove import MMOLove
 from flask_mmolove.delivery import backoff_delay

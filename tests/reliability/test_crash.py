@@ -20,8 +20,8 @@ from reliability_support import (
     record_figures,
     start_worker,
     stop_process,
-    wait_until,
 )
+from support import wait_for
 
 LEASE = 2.0
 
@@ -48,7 +48,7 @@ def test_sigkilled_worker_events_are_delivered_after_the_lease(
     mmolove_sandbox.delay_next(4, 60)
     first = start_worker(env, tmp_path)
     try:
-        wait_until(lambda: not mmolove_sandbox.state.faults, 20, "4 sends held by MMOLove")
+        wait_for(lambda: not mmolove_sandbox.state.faults, 20, "4 sends held by MMOLove")
         held = outbox.stats()
         leases = [e.lease_until for e in outbox.list_events(limit=100) if e.lease_owner]
         first.send_signal(signal.SIGKILL)
@@ -64,15 +64,13 @@ def test_sigkilled_worker_events_are_delivered_after_the_lease(
     lease_until = max(leases)
     # The requests it had sent reach MMOLove after all (and are written there).
     mmolove_sandbox.clear_faults()
-    wait_until(lambda: mmolove_sandbox.accepted_count("registered") == 4, 10, "held sends")
+    wait_for(lambda: mmolove_sandbox.accepted_count("registered") == 4, 10, "held sends")
 
     second = start_worker(env, tmp_path)
     try:
-        wait_until(
-            lambda: mmolove_sandbox.accepted_count() == 2 * referees, 30, "the second worker"
-        )
+        wait_for(lambda: mmolove_sandbox.accepted_count() == 2 * referees, 30, "the second worker")
         recovered_at = time.time()
-        wait_until(
+        wait_for(
             lambda: (
                 len([x for x in journal(tmp_path / "journal.txt") if x[1] == "credited"])
                 >= referees

@@ -22,8 +22,8 @@ from reliability_support import (
     record_figures,
     start_worker,
     stop_process,
-    wait_until,
 )
+from support import wait_for
 
 EVENTS = 24
 DRAIN = 1.0
@@ -128,7 +128,7 @@ def test_exit_within_drain_bound_then_a_later_process_delivers(
     later_started = time.monotonic()
     worker = start_worker(process_env(mmolove_sandbox, tmp_path, **settings), tmp_path)
     try:
-        wait_until(
+        wait_for(
             lambda: mmolove_sandbox.accepted_count("registered") >= EVENTS,
             30,
             "the later process to deliver every event",

@@ -33,8 +33,8 @@ from reliability_support import (
     record_figures,
     register,
     state,
-    wait_until,
 )
+from support import wait_for
 
 
 def fork_and_run(child: Callable[[], bool], timeout: float = 20.0) -> int:
@@ -79,7 +79,7 @@ def test_child_forked_while_the_lock_is_held_still_delivers(
     app = make_portal(MMOLOVE_DELIVERY="thread")
     background = state(app).background
     register(app, mmolove_sandbox.mint_token("parent"), "parent")
-    wait_until(lambda: mmolove_sandbox.accepted_count("registered") == 1, 10, "parent event")
+    wait_for(lambda: mmolove_sandbox.accepted_count("registered") == 1, 10, "parent event")
     assert background.running
     parent_owner = state(app).deliverer.owner
     child_token = mmolove_sandbox.mint_token("child")
@@ -104,7 +104,7 @@ def test_child_forked_while_the_lock_is_held_still_delivers(
     assert mmolove_sandbox.accepted_count("registered") == 2
     # The parent is unharmed: its thread still runs and delivers.
     register(app, mmolove_sandbox.mint_token("after"), "after")
-    wait_until(lambda: mmolove_sandbox.accepted_count("registered") == 3, 10, "parent again")
+    wait_for(lambda: mmolove_sandbox.accepted_count("registered") == 3, 10, "parent again")
 
 
 class KeepAliveMMOLove:
@@ -214,7 +214,7 @@ def gunicorn(env: dict[str, str], cwd: Path, workers: int) -> Iterator[tuple[str
                 return requests.get(f"{base}/pid", timeout=1).ok
             return False
 
-        wait_until(up, 30, "gunicorn to serve")
+        wait_for(up, 30, "gunicorn to serve")
         yield base, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -271,7 +271,7 @@ def test_gunicorn_preload_workers_deliver_every_workers_events(
                 n += 12
         assert len(served) == workers, f"requests reached {len(served)} of {workers} workers"
         assert master not in served
-        wait_until(
+        wait_for(
             lambda: mmolove_sandbox.accepted_count("registered") >= n,
             30,
             "every worker's events delivered",

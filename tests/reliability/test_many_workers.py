@@ -19,8 +19,8 @@ from reliability_support import (
     record_figures,
     start_worker,
     stop_process,
-    wait_until,
 )
+from support import wait_for
 
 WORKERS = 4
 REFEREES = 1000  # registered + qualified each: 2000 events per database
@@ -67,13 +67,13 @@ def run_workers(
         # Written while the workers claim: enqueue and claim contend for the database.
         pairs = enqueue_pairs(outbox, mmolove_sandbox, REFEREES, prefix="w")
         enqueued = time.monotonic() - started
-        wait_until(
+        wait_for(
             lambda: mmolove_sandbox.accepted_count() >= 2 * REFEREES,
             120,
             "every event accepted",
         )
         elapsed = time.monotonic() - started
-        wait_until(
+        wait_for(
             lambda: len(journal(tmp_path / "journal.txt")) >= 2 * REFEREES,
             30,
             "every signal",

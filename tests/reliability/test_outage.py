@@ -22,8 +22,8 @@ from reliability_support import (
     record_figures,
     register,
     state,
-    wait_until,
 )
+from support import wait_for
 
 from flask_mmolove import MMOLove
 
@@ -63,7 +63,7 @@ def test_qualified_waits_for_a_registered_in_flight_elsewhere(
     mmolove_sandbox.delay_next(1, 0.6)
     first = threading.Thread(target=lambda: state(app).deliverer.run_once(ids=[reg.id]))
     first.start()
-    wait_until(lambda: outbox_of(app).get(reg.id).lease_owner, 5, "the registered claim")
+    wait_for(lambda: outbox_of(app).get(reg.id).lease_owner, 5, "the registered claim")
     report = state(other).deliverer.run_once(ids=[qual.id])
     first.join()
     assert report.dead == 0
@@ -107,7 +107,7 @@ def test_outage_then_recovery_every_event_accepted_once(
     outbox = outbox_of(app)
     assert outbox.stats().delivered == 0
     # The outage lasts until every registered has been refused at least twice.
-    wait_until(
+    wait_for(
         lambda: sum(r.status == 500 for r in mmolove_sandbox.events) >= 2 * referees,
         60,
         "two refused attempts per registered",
@@ -116,9 +116,9 @@ def test_outage_then_recovery_every_event_accepted_once(
     outage = time.monotonic() - started
     mmolove_sandbox.clear_faults()
     recovered = time.monotonic()
-    wait_until(lambda: outbox.stats().delivered == 2 * referees, 60, "every event delivered")
+    wait_for(lambda: outbox.stats().delivered == 2 * referees, 60, "every event delivered")
     drain = time.monotonic() - recovered
-    wait_until(lambda: len(recorder.credited) >= referees, 10, "every credit")
+    wait_for(lambda: len(recorder.credited) >= referees, 10, "every credit")
     time.sleep(0.3)  # anything extra would show up now
 
     duplicates = assert_exactly_once(mmolove_sandbox, pairs, ["registered", "qualified"])

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from flask import Flask
 from portal import Recorder
-from reliability_support import FakeClock, outbox_of, record_figures, register, state
+from reliability_support import outbox_of, record_figures, register, state
+from support import FakeClock
 
 from flask_mmolove import MMOLove
 

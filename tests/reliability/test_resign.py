@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import requests
 from flask import Flask
-from reliability_support import FakeClock, outbox_of, record_figures, register, state
+from reliability_support import outbox_of, record_figures, register, state
+from support import FakeClock
 
 import flask_mmolove.protocol as protocol
 from flask_mmolove import MMOLove

@@ -1,0 +1,38 @@
+"""Helpers every test suite here uses: a hand-moved clock and polling with a deadline."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+
+class FakeClock:
+    """A clock moved by hand: backoff, leases and token ages without sleeping.
+
+    It starts at ``start``, or at the real time when none is given.
+    """
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.time() if start is None else float(start)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "it") -> Any:
+    """Poll until ``predicate()`` is truthy and return its value; fail naming ``what``
+    when ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
