@@ -7,7 +7,6 @@ module only carries it out: record it in the outbox, then tell the portal by sig
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -26,14 +25,12 @@ from flask import Flask
 from .client import ReferralClient, SendResult, TransportError
 from .outbox import Credit, Outbox, OutboxEvent
 from .protocol import Action, Decision, Outcome, classify
+from .redaction import Redactor
 from .settings import Settings
 from .signals import referee_registered, referral_rejected, referrer_credited
 
 logger = logging.getLogger("flask_mmolove")
 
-#: What stands for the secret in an answer that contained it.
-REDACTED: Final = "[redacted]"
-_MIN_SCRUBBED: Final = 6
 #: The jitter factor's range: a delay is its nominal value times [0.75, 1.25).
 JITTER_LOW: Final = 0.75
 JITTER_SPAN: Final = 0.5
@@ -114,16 +111,8 @@ class Deliverer:
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # Per thread: inline delivery runs passes in several request threads at once.
         self._local = threading.local()
-        secret = settings.secret
-        forms = {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
-        # A very short secret is not scrubbed: it would garble every answer.
-        self._secret_forms = tuple(form for form in forms if len(form) >= _MIN_SCRUBBED)
+        self._scrub = Redactor(settings.secret)
         _deliverers.add(self)
-
-    def _scrub(self, text: str) -> str:
-        for form in self._secret_forms:
-            text = text.replace(form, REDACTED)
-        return text
 
     def after_fork(self) -> None:
         """In a forked child: a new lease owner and no inherited connections.

@@ -27,6 +27,7 @@ from werkzeug.wrappers import Response
 
 from ..extension import _get_state, _State, dispatch_events
 from ..outbox import DEAD, PENDING, STATES, Outbox, OutboxEvent, Stats
+from ..redaction import Redactor
 
 logger = logging.getLogger("flask_mmolove")
 
@@ -35,10 +36,6 @@ DEFAULT_URL_PREFIX: Final = "/mmolove"
 PAGE_SIZE: Final = 50
 #: What a table cell shows of an answer; the event's own page shows all of it.
 PREVIEW_CHARS: Final = 160
-REDACTED: Final = "[redacted]"
-#: Like the sandbox: scrubbing a very short secret everywhere would garble every page
-#: and protect nothing, since such a secret is guessable anyway.
-MIN_REDACTABLE: Final = 6
 
 #: Returns True to let the current request in; anything else is refused with 403. It
 #: may also abort() itself, e.g. with a redirect to the portal's login page.
@@ -82,20 +79,11 @@ def _when(timestamp: float | None) -> str | None:
 
 
 def _scrubber(state: _State) -> Callable[[str | None], str]:
-    secret = state.settings.secret
-    # The secret as it would appear inside a JSON string too: an answer that echoes
-    # it is stored as MMOLove's raw JSON text, escapes and all.
-    forms = {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
-    forms = {form for form in forms if len(form) >= MIN_REDACTABLE}
+    redact = Redactor(state.settings.secret)
 
     def scrub(text: str | None) -> str:
-        # Before any HTML escaping, which would hide a secret with "<" or "&" in it
-        # from a search of the escaped text.
-        if not text:
-            return ""
-        for form in forms:
-            text = text.replace(form, REDACTED)
-        return text
+        # Before any HTML escaping, which would hide a secret with "<" or "&" in it.
+        return redact(text) if text else ""
 
     return scrub
 
@@ -110,8 +98,7 @@ def _pretty(text: str | None) -> str | None:
         return text
 
 
-def _view(event: OutboxEvent, state: _State, now: float) -> EventView:
-    scrub = _scrubber(state)
+def _view(event: OutboxEvent, scrub: Callable[[str | None], str], now: float) -> EventView:
     leased = event.state == PENDING and event.lease_until is not None and event.lease_until > now
     error = scrub(event.last_error)
     full_error = scrub(_pretty(event.last_error))
@@ -247,7 +234,7 @@ def index() -> str:
     scrub = _scrubber(state)
     return render_template(
         "mmolove_dashboard/index.html",
-        events=[_view(event, state, now) for event in rows[:PAGE_SIZE]],
+        events=[_view(event, scrub, now) for event in rows[:PAGE_SIZE]],
         stats=stats,
         shown=shown,
         states=STATES,
@@ -267,7 +254,7 @@ def event_detail(event_id: int) -> str:
     if event is None:
         abort(404)
     return render_template(
-        "mmolove_dashboard/event.html", event=_view(event, state, outbox.clock())
+        "mmolove_dashboard/event.html", event=_view(event, _scrubber(state), outbox.clock())
     )
 
 

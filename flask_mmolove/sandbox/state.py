@@ -27,16 +27,13 @@ from ..protocol import (
     StaleSignatureError,
     verify_signature,
 )
+from ..redaction import Redactor
 from .tokens import TokenError, TokenMinter, derive_token_key
 
 ReferralState = Literal["clicked", "registered", "qualified"]
 FaultKind = Literal["status", "delay", "drop"]
 
 _REQUIRED: Final = ("event", "token", "server_id", "server_event_id")
-#: Secrets shorter than this are not scrubbed from the log: replacing a two-letter
-#: string everywhere would garble the page and protect nothing.
-_MIN_REDACTABLE: Final = 6
-REDACTED: Final = "[redacted]"
 
 
 @dataclass(frozen=True)
@@ -275,6 +272,7 @@ class SandboxState:
         self.clock: Callable[[], float] = clock or time.time
         self._secret = secret
         self._token_key = token_key or derive_token_key(secret)
+        self._redact = Redactor(secret, self._token_key)
         self.tokens = TokenMinter(self._token_key, clock=self.clock)
         self._lock = threading.Lock()
         # Set on stop or clear_faults so a scripted delay never outlives its purpose.
@@ -596,10 +594,7 @@ class SandboxState:
 
     def redact(self, text: str) -> str:
         """``text`` with the secret and token key scrubbed, for anything shown to people."""
-        for value in (self._secret, self._token_key):
-            if len(value) >= _MIN_REDACTABLE:
-                text = text.replace(value, REDACTED)
-        return text
+        return self._redact(text)
 
     def public_log(self) -> list[dict[str, Any]]:
         """The log as JSON-ready dicts with every secret scrubbed, for /log and /log.json."""
