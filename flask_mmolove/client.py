@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import requests
@@ -97,6 +97,10 @@ class ReferralClient:
         self._session = session or requests.Session()
         self._session.headers["User-Agent"] = USER_AGENT
         self._settings: dict[str, Any] | None = None
+        # The URL as requests normalises it (IDNA host, quoting), worked out once.
+        url = requests.PreparedRequest()
+        url.prepare_url(self.endpoint, None)
+        self._url: str = url.url or self.endpoint
 
     def __repr__(self) -> str:
         return f"<ReferralClient server_id={self.server_id!r} endpoint={self.endpoint!r}>"
@@ -155,21 +159,29 @@ class ReferralClient:
             status=response.status_code,
             body=text,
             outcome=outcome_of(parse_json_object(text)) if ok else None,
-            headers=CaseInsensitiveDict(response.headers),
+            # Already a case-insensitive dict of its own, made for this answer.
+            headers=response.headers,
             elapsed=elapsed,
         )
 
     def _post(self, body: bytes, headers: dict[str, str]) -> requests.Response:
         # Session.post() costs as much CPU again as the HTTP exchange itself: it scans
         # os.environ and ~/.netrc, merges cookies, auth and hooks this client does not
-        # use, on every call. The request is prepared with the session's headers and
-        # sent through the session's adapter, with the environment's settings read once.
+        # use, on every call; PreparedRequest.prepare() parses and re-checks the same
+        # URL and headers every time. The request is built from the session's headers
+        # (read now, so later changes count; http.client still refuses an invalid
+        # header) and the URL prepared once, and sent through the session's adapter,
+        # with the environment's settings read once.
         session = self._session
         prepared = requests.PreparedRequest()
-        prepared.prepare(
-            method="POST", url=self.endpoint, headers={**session.headers, **headers}, data=body
-        )
-        adapter = session.get_adapter(self.endpoint)
+        prepared.method = "POST"
+        prepared.url = self._url
+        # Session header values may be bytes too; urllib3 sends either.
+        prepared.headers = CaseInsensitiveDict(cast("Mapping[str, str]", session.headers))
+        prepared.headers.update(headers)
+        prepared.headers["Content-Length"] = str(len(body))
+        prepared.body = body
+        adapter = session.get_adapter(self._url)
         return adapter.send(prepared, timeout=self.timeout, **self._send_settings())
 
     def _send_settings(self) -> dict[str, Any]:
