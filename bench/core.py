@@ -147,7 +147,7 @@ def render_markdown(results: Sequence[Result], env: Mapping[str, Any], *, quick:
     for result in results:
         lines += [f"## {result.title} (`{result.name}`, {result.seconds:.0f} s)", ""]
         for goal in result.goals:
-            mark = {True: "met", False: "NOT met", None: "not measured"}[goal.met]
+            mark = {True: "met", False: "NOT met", None: "not decided"}[goal.met]
             lines.append(f"- Goal: {goal.text} — **{mark}**: {goal.detail}")
         if result.goals:
             lines.append("")
@@ -183,9 +183,35 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+def paired_ratios(candidate: Sequence[float], baseline: Sequence[float]) -> list[float]:
+    """Each round's candidate over that round's baseline."""
+    return [c / b for c, b in zip(candidate, baseline, strict=True)]
+
+
 def paired_ratio(candidate: Sequence[float], baseline: Sequence[float]) -> float:
     """The median of per-round ratios: each round's candidate over that round's baseline."""
-    return median([c / b for c, b in zip(candidate, baseline, strict=True)])
+    return median(paired_ratios(candidate, baseline))
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median: two order statistics of ``values``.
+
+    With n values, [x(k), x(n-k+1)] holds the true median with probability
+    1 - 2 P(Binomial(n, 1/2) < k), whatever the distribution: noise on a shared VM is
+    skewed and has outliers, so no normal approximation. The largest k that keeps
+    ``confidence`` is used; too few values for it give the whole range (n = 5: 94%).
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        raise ValueError("no values")
+    best, below = 1, 0.0
+    for k in range(1, (n + 1) // 2 + 1):
+        below += math.comb(n, k - 1) / 2**n  # P(Binomial(n, 1/2) < k)
+        if 1 - 2 * below < confidence:
+            break
+        best = k
+    return ordered[best - 1], ordered[n - best]
 
 
 def interleaved(cases: Mapping[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
