@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.structures import CaseInsensitiveDict
+from requests.utils import check_header_validity
 
 from . import __version__
 from .protocol import (
@@ -61,6 +62,16 @@ def _check_endpoint(endpoint: str) -> str:
             f"endpoint must be an http(s) URL such as {DEFAULT_ENDPOINT}, got {endpoint!r}"
         )
     return endpoint
+
+
+def _invalid_header_names(headers: Mapping[str, str | bytes]) -> list[str]:
+    bad = []
+    for name, value in headers.items():
+        try:
+            check_header_validity((name, value))  # type: ignore[type-var]
+        except requests.exceptions.InvalidHeader:
+            bad.append(repr(name))
+    return bad
 
 
 class ReferralClient:
@@ -182,7 +193,18 @@ class ReferralClient:
         prepared.headers["Content-Length"] = str(len(body))
         prepared.body = body
         adapter = session.get_adapter(self._url)
-        return adapter.send(prepared, timeout=self.timeout, **self._send_settings())
+        try:
+            return adapter.send(prepared, timeout=self.timeout, **self._send_settings())
+        except ValueError:
+            bad = _invalid_header_names(prepared.headers)
+            if not bad:
+                raise
+            # Named, never shown: a header's value may be a credential.
+            raise ValueError(
+                f"invalid HTTP header {', '.join(bad)} on the requests.Session given to "
+                "ReferralClient (a line break, or leading whitespace, in its name or "
+                "value): fix or remove it"
+            ) from None
 
     def _send_settings(self) -> dict[str, Any]:
         """Proxies, TLS verification and client certificate, as ``post(verify=True)``

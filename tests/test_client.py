@@ -843,3 +843,16 @@ def test_client_defaults() -> None:
         assert json.loads(c.body("qualified", "tok", server_event_id="q", ts=1))["server_id"] == (
             "srv-1"
         )
+
+
+def test_an_invalid_session_header_is_named_and_its_value_not_shown() -> None:
+    session = requests.Session()
+    session.headers["X-Portal-Key"] = "k3y-value\r\nInjected: 1"
+    client = ReferralClient(
+        "srv", "s3cret", "http://127.0.0.1:9/api/referral/events", session=session
+    )
+    with pytest.raises(ValueError, match="invalid HTTP header 'X-Portal-Key'") as info:
+        client.send_body(b"{}")
+    assert "k3y-value" not in str(info.value)
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__
