@@ -600,7 +600,7 @@ class Outbox:
         due = sa.and_(
             e.c.state == PENDING,
             e.c.next_attempt_at <= now,
-            sa.or_(e.c.lease_until.is_(None), e.c.lease_until <= now),
+            _unleased(e, now),
             ~self._waits_for_older(),
         )
         query = sa.select(e.c.id).where(due).order_by(e.c.next_attempt_at, e.c.id).limit(limit)
@@ -613,10 +613,6 @@ class Outbox:
             due,
             owner=owner,
             until=until,
-            # Leased rows move out of the due range of the index, so the next claim
-            # does not wade through what is in flight.
-            next_attempt_at=until,
-            attempts=e.c.attempts + 1,
             last_attempt_at=now,
         )
         return [self._event(row) for row in rows]
@@ -634,7 +630,8 @@ class Outbox:
     ) -> list[sa.Row[Any]]:
         """Lease the rows ``query`` picks (their ``key``s) to ``owner``; in pick order.
 
-        The one claiming mechanism of the outbox, for events and credits alike.
+        The one claiming mechanism of the outbox, for events and credits alike: each
+        claim counts as an attempt, and the row is next due when its lease runs out.
         """
         with self._transaction() as conn:
             chosen = list(conn.scalars(self._locking(conn, query)))
@@ -647,7 +644,15 @@ class Outbox:
             conn.execute(
                 sa.update(table)
                 .where(key.in_(chosen), still_due)
-                .values(lease_owner=owner, lease_until=until, **values)
+                .values(
+                    lease_owner=owner,
+                    lease_until=until,
+                    # Leased rows move out of the due range of the index, so the next
+                    # claim does not wade through what is in flight.
+                    next_attempt_at=until,
+                    attempts=table.c.attempts + 1,
+                    **values,
+                )
             )
             rows = conn.execute(
                 sa.select(table).where(key.in_(chosen), table.c.lease_owner == owner)
@@ -822,7 +827,7 @@ class Outbox:
                     e.c.state == DEAD,
                     sa.and_(
                         e.c.state == PENDING,
-                        sa.or_(e.c.lease_until.is_(None), e.c.lease_until <= now),
+                        _unleased(e, now),
                     ),
                 ),
             )
@@ -971,7 +976,7 @@ class Outbox:
         due = sa.and_(
             c.c.notified_at.is_(None),
             c.c.next_attempt_at <= now,
-            sa.or_(c.c.lease_until.is_(None), c.c.lease_until <= now),
+            _unleased(c, now),
         )
         query = (
             sa.select(c.c.identity)
@@ -986,8 +991,6 @@ class Outbox:
             due,
             owner=owner,
             until=until,
-            next_attempt_at=until,
-            attempts=c.c.attempts + 1,
         )
         return [
             Credit(
@@ -1102,6 +1105,11 @@ class Outbox:
                 f"lost the connection to the outbox database {self._url()}: {reason}"
             )
         return None
+
+
+def _unleased(table: sa.Table, now: float) -> sa.ColumnElement[bool]:
+    """No lease on the row, or its lease has run out."""
+    return sa.or_(table.c.lease_until.is_(None), table.c.lease_until <= now)
 
 
 def _reason(exc: sa_exc.DBAPIError) -> str:
