@@ -34,7 +34,7 @@ from functools import partial
 from pathlib import Path
 
 from flask_mmolove.client import ReferralClient
-from flask_mmolove.protocol import SIGNATURE_HEADER, build_body, sign_referral_body
+from flask_mmolove.protocol import SIGNATURE_HEADER, sign_referral_body
 
 from . import core
 from .events import Event, delivered_span, fill, fresh_outbox, registered_events
@@ -167,14 +167,8 @@ def sandbox_ceiling(sandbox: core.Sandbox, seconds: int) -> float | None:
     wrk = core.which("wrk")
     if wrk is None:
         return None
-    token = sandbox.mint("ceiling")
-    body = build_body(
-        "registered",
-        token=token,
-        server_id=sandbox.server_id,
-        server_event_id="reg-ceiling",
-        referee_identity="ceiling",
-    )
+    [event] = registered_events(1, sandbox.server_id, lambda _: sandbox.mint("ceiling"))
+    body = event.body
     header = sign_referral_body(sandbox.secret, body)
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "post.lua"
