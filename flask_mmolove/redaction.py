@@ -28,7 +28,11 @@ class Redactor:
                 json.dumps(secret)[1:-1],
                 json.dumps(secret, ensure_ascii=False)[1:-1],
             }
-        self._forms = tuple(form for form in forms if len(form) >= MIN_REDACTED_LENGTH)
+        # Longest first: a secret inside another (a key that embeds it) must not
+        # leave the rest of the longer one showing.
+        self._forms = tuple(
+            sorted((form for form in forms if len(form) >= MIN_REDACTED_LENGTH), key=len)[::-1]
+        )
 
     def __repr__(self) -> str:
         return f"<Redactor of {len(self._forms)} form(s)>"
