@@ -10,12 +10,12 @@ import dataclasses
 import logging
 import math
 import os
+import queue
 import random
 import threading
 import time
 import uuid
 import weakref
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -23,7 +23,7 @@ from typing import Final
 from flask import Flask
 
 from .client import ReferralClient, SendResult, TransportError
-from .outbox import Credit, Outbox, OutboxEvent
+from .outbox import Credit, Ending, Outbox, OutboxEvent
 from .protocol import Action, Decision, Outcome, classify
 from .redaction import Redactor
 from .settings import Settings
@@ -88,6 +88,89 @@ def backoff_delay(
     return delay
 
 
+#: What a send gave: MMOLove's answer, or no answer and why (a transport error).
+_Answer = tuple[SendResult | None, str | None]
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    """An answer judged: how its event ends, which ``PassReport`` count it adds to,
+    and what to log and signal once the ending is recorded."""
+
+    ending: Ending
+    count: str
+    tell: Callable[[], None]
+
+
+def _nothing() -> None:
+    pass
+
+
+class _Senders:
+    """Sends claimed events, up to ``concurrency`` at a time, for one delivery run.
+
+    Threads are started as work arrives and end with the run (:meth:`close`); with a
+    concurrency of one, events are sent in the caller's thread by :meth:`collect`.
+    Every submitted event gets exactly one answer, None when ``should_stop()`` was
+    true before it was sent.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[OutboxEvent], _Answer],
+        concurrency: int,
+        should_stop: Callable[[], bool],
+    ) -> None:
+        self._send = send
+        self._concurrency = concurrency
+        self._should_stop = should_stop
+        self._jobs: queue.SimpleQueue[OutboxEvent | None] = queue.SimpleQueue()
+        self._answers: queue.SimpleQueue[tuple[OutboxEvent, _Answer | None]] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        # Submitted and not answered yet, with threads; to send here, without.
+        self._queued = 0
+        self._unsent: list[OutboxEvent] = []
+
+    def submit(self, events: Sequence[OutboxEvent]) -> None:
+        if self._concurrency <= 1:
+            self._unsent.extend(events)
+            return
+        for event in events:
+            self._jobs.put(event)
+        self._queued += len(events)
+        while len(self._threads) < min(self._concurrency, self._queued):
+            thread = threading.Thread(target=self._work, name="mmolove-send", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _answer(self, event: OutboxEvent) -> tuple[OutboxEvent, _Answer | None]:
+        return event, None if self._should_stop() else self._send(event)
+
+    def _work(self) -> None:
+        while (event := self._jobs.get()) is not None:
+            self._answers.put(self._answer(event))
+
+    def collect(self) -> list[tuple[OutboxEvent, _Answer | None]]:
+        """Wait for an answer; return it with every other answer that is in."""
+        if self._concurrency <= 1:
+            answers = [self._answer(event) for event in self._unsent]
+            self._unsent.clear()
+            return answers
+        answers = [self._answers.get()]
+        while True:
+            try:
+                answers.append(self._answers.get_nowait())
+            except queue.Empty:
+                break
+        self._queued -= len(answers)
+        return answers
+
+    def close(self) -> None:
+        """Let the threads end once they are idle (a hung send ends when it times out)."""
+        for _ in self._threads:
+            self._jobs.put(None)
+
+
 class Deliverer:
     """Claims due events, sends them, and settles each answer. Safe in many processes."""
 
@@ -109,8 +192,6 @@ class Deliverer:
         self.clock = clock
         self.jitter = jitter
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        # Per thread: inline delivery runs passes in several request threads at once.
-        self._local = threading.local()
         self._scrub = Redactor(settings.secret)
         _deliverers.add(self)
 
@@ -142,81 +223,101 @@ class Deliverer:
         ids: Sequence[int] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> PassReport:
-        """Deliver what is due now (or just ``ids``), then send owed credit signals.
+        """Deliver what is due now (or just ``ids``): one claim, then owed credit signals.
 
         Sends run ``MMOLOVE_CONCURRENCY`` at a time on daemon threads, never a
         ``ThreadPoolExecutor``: the interpreter joins an executor's threads at exit, so
         a send hanging on a silent MMOLove would hold the process past its drain bound.
+        Answers are recorded as they come in, a transaction for all that are in.
         Once ``should_stop()`` is true no new send starts; claimed events not sent are
         handed back, due at once, for the next deliverer instead of waiting out a lease.
         """
-        report = PassReport()
-        events = self.outbox.claim(
-            self.owner, limit=self.settings.batch_size, lease=self.settings.lease, ids=ids
-        )
-        report.claimed = len(events)
-        answers = self._send_all(events, should_stop)
-        # One transaction records every answer of the pass; the signals about them go
-        # out once it is committed, so a receiver never hears of an unrecorded answer
-        # (nor waits on the write lock this pass holds).
-        signals: list[tuple[object, dict[str, object]]] = []
-        self._local.signals = signals
+        return self._run(ids=ids, refill=False, should_stop=should_stop)
+
+    def drain(
+        self,
+        *,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_pass: Callable[[PassReport], None] | None = None,
+    ) -> PassReport:
+        """Deliver until nothing is due, claiming more while earlier sends are in flight.
+
+        As :meth:`run_once`, but the senders are never left waiting for the database:
+        once no more than half a batch is in flight the next claim is made, so claiming
+        and recording overlap with sending. ``on_pass`` gets what was done since its
+        last call, at every claim after the first and at the end.
+        """
+        return self._run(ids=None, refill=True, should_stop=should_stop, on_pass=on_pass)
+
+    def _run(
+        self,
+        *,
+        ids: Sequence[int] | None,
+        refill: bool,
+        should_stop: Callable[[], bool],
+        on_pass: Callable[[PassReport], None] | None = None,
+    ) -> PassReport:
+        settings = self.settings
+        total, report = PassReport(), PassReport()
+        senders = _Senders(self._send, settings.concurrency, should_stop)
+        # Claim again once this few are in flight: enough left to keep every sender
+        # busy while the claim runs.
+        low_water = max(settings.concurrency, settings.batch_size // 2)
+        in_flight = 0
+        may_claim = True
         try:
-            with self.outbox.batch():
-                for event in events:
-                    if event.id in answers:
-                        result, error = answers[event.id]
-                        self._settle(event, result, error, report)
-                    else:
-                        self._release(event, report)
+            while True:
+                if may_claim and in_flight <= low_water and not should_stop():
+                    if report.claimed:
+                        report.credited = self.notify_credits()
+                        total += report
+                        if on_pass is not None:
+                            on_pass(report)
+                        report = PassReport()
+                    limit = settings.batch_size - in_flight
+                    events = self.outbox.claim(
+                        self.owner, limit=limit, lease=settings.lease, ids=ids
+                    )
+                    report.claimed += len(events)
+                    in_flight += len(events)
+                    senders.submit(events)
+                    # A short claim found all that was due, but for events waiting on
+                    # an earlier one of their token in flight: try again after the
+                    # next answers are recorded.
+                    may_claim = refill and (len(events) == limit or in_flight > 0)
+                if not in_flight:
+                    break
+                answers = senders.collect()
+                in_flight -= len(answers)
+                self._record(answers, report)
         finally:
-            self._local.signals = None
-        for signal, kwargs in signals:
-            self._emit(signal, **kwargs)
+            senders.close()
         report.credited = self.notify_credits()
-        return report
+        total += report
+        if on_pass is not None and report.claimed:
+            on_pass(report)
+        return total
 
-    def _send_all(
-        self, events: Sequence[OutboxEvent], should_stop: Callable[[], bool]
-    ) -> dict[int, tuple[SendResult | None, str | None]]:
-        """Send each event (unless stopping); the answers of those that were sent."""
-        answers: dict[int, tuple[SendResult | None, str | None]] = {}
-        queue = deque(events)
+    def _record(
+        self, answers: Sequence[tuple[OutboxEvent, _Answer | None]], report: PassReport
+    ) -> None:
+        """Record answers in one transaction, then log and signal what was recorded.
 
-        def work() -> None:
-            while not should_stop():
-                try:
-                    event = queue.popleft()
-                except IndexError:
-                    return
-                answers[event.id] = self._send(event)
+        A receiver never hears of an unrecorded answer, nor waits on the write lock.
+        """
+        judged = [self._judge(event, answer) for event, answer in answers]
+        held = self.outbox.settle(self.owner, [verdict.ending for verdict in judged])
+        for verdict in judged:
+            if verdict.ending.event_id not in held:
+                logger.warning(
+                    "event %d: lease lost before its answer was recorded",
+                    verdict.ending.event_id,
+                )
+                continue
+            setattr(report, verdict.count, getattr(report, verdict.count) + 1)
+            verdict.tell()
 
-        workers = min(self.settings.concurrency, len(events))
-        if workers <= 1:
-            work()
-            return answers
-        threads = [
-            threading.Thread(target=work, name="mmolove-send", daemon=True) for _ in range(workers)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return answers
-
-    def _release(self, event: OutboxEvent, report: PassReport) -> None:
-        # Claimed but never sent: give it back due now, its last answer unchanged.
-        if self.outbox.reschedule(
-            event.id,
-            self.owner,
-            at=self.clock(),
-            status=event.last_status,
-            reason=event.last_reason or "not_sent",
-            error=event.last_error or "not sent: the deliverer stopped first",
-        ):
-            report.released += 1
-
-    def _send(self, event: OutboxEvent) -> tuple[SendResult | None, str | None]:
+    def _send(self, event: OutboxEvent) -> _Answer:
         try:
             return self.client.send_body(event.body), None
         except TransportError as exc:
@@ -228,82 +329,61 @@ class Deliverer:
             logger.exception("event %d: sending failed unexpectedly", event.id)
             return None, f"{type(exc).__name__}: {exc}"
 
-    def _settle(
-        self,
-        event: OutboxEvent,
-        result: SendResult | None,
-        error: str | None,
-        report: PassReport,
-    ) -> None:
+    def _judge(self, event: OutboxEvent, answer: _Answer | None) -> _Verdict:
+        """What MMOLove's answer (or its absence) means for ``event``, decided before
+        anything is recorded; ``tell`` logs it and signals it once it is."""
+        if answer is None:
+            # Claimed but never sent: back, due now, its last answer unchanged.
+            ending = Ending.retry(
+                event.id,
+                at=self.clock(),
+                status=event.last_status,
+                reason=event.last_reason or "not_sent",
+                error=event.last_error or "not sent: the deliverer stopped first",
+            )
+            return _Verdict(ending, "released", _nothing)
+        result, error = answer
         status = result.status if result is not None else None
         decision = classify(
             status, retry_after=result.headers.get("Retry-After") if result is not None else None
         )
         # MMOLove's answer is kept and handed to signals; should it ever echo the
         # secret (a proxy's error page, a debug answer), the secret goes no further.
-        answer = self._scrub(result.body if result is not None else (error or ""))
-        if result is not None and result.body != answer:
-            result = dataclasses.replace(result, body=answer)
+        text = self._scrub(result.body if result is not None else (error or ""))
+        if result is not None and result.body != text:
+            result = dataclasses.replace(result, body=text)
         if decision.action is Action.DELIVERED:
             assert result is not None
             assert result.outcome is not None
-            credit = event.event == "qualified" and result.outcome is not (
-                Outcome.FIRST_TOUCH_CONFLICT
-            )
-            if not self.outbox.complete(
-                event.id,
-                self.owner,
-                status=result.status,
-                response=answer,
-                outcome=result.outcome.value,
-                credit=credit,
-            ):
-                logger.warning("event %d: lease lost before it was recorded delivered", event.id)
-                return
-            report.delivered += 1
-            logger.info("event %d (%s) accepted: %s", event.id, event.event, result.outcome.value)
-            if event.event == "registered":
-                self._emit(
-                    referee_registered,
-                    identity=event.identity,
-                    token=event.token,
-                    result=result,
-                    outcome=result.outcome,
-                )
-            return
+            return self._delivered(event, result, result.outcome, text)
         if decision.action is Action.RETRY:
             delay = backoff_delay(event.attempts, decision, self.settings, self.jitter)
             due = self.clock() + delay
             if due <= event.created_at + self.settings.max_age:
-                if self.outbox.reschedule(
-                    event.id,
-                    self.owner,
-                    at=due,
-                    status=status,
-                    reason=decision.reason,
-                    error=answer,
-                ):
-                    report.retried += 1
-                log = logger.error if decision.slow else logger.warning
-                log(
-                    "event %d (%s) attempt %d: %s; next attempt in %.1f s",
-                    event.id,
-                    event.event,
-                    event.attempts,
-                    decision.hint,
-                    delay,
+
+                def retried() -> None:
+                    log = logger.error if decision.slow else logger.warning
+                    log(
+                        "event %d (%s) attempt %d: %s; next attempt in %.1f s",
+                        event.id,
+                        event.event,
+                        event.attempts,
+                        decision.hint,
+                        delay,
+                    )
+
+                ending = Ending.retry(
+                    event.id, at=due, status=status, reason=decision.reason, error=text
                 )
-                return
+                return _Verdict(ending, "retried", retried)
             decision = Decision(
                 Action.DEAD,
                 "expired",
                 f"still undelivered after MMOLOVE_MAX_AGE ({self.settings.max_age:g} s); "
                 f"last answer: {decision.hint}. Requeue with `flask mmolove retry`",
             )
-        if self.outbox.dead_letter(
-            event.id, self.owner, status=status, reason=decision.reason, error=answer
-        ):
-            report.dead += 1
+
+        def died() -> None:
             logger.error(
                 "event %d (%s) dead-lettered after %d attempt(s): %s (status %s)",
                 event.id,
@@ -319,9 +399,35 @@ class Deliverer:
                 event=event.event,
                 event_id=event.id,
                 status=status,
-                error=answer,
+                error=text,
                 hint=decision.hint,
             )
+
+        ending = Ending.dead(event.id, status=status, reason=decision.reason, error=text)
+        return _Verdict(ending, "dead", died)
+
+    def _delivered(
+        self, event: OutboxEvent, result: SendResult, outcome: Outcome, text: str
+    ) -> _Verdict:
+        def accepted() -> None:
+            logger.info("event %d (%s) accepted: %s", event.id, event.event, outcome.value)
+            if event.event == "registered":
+                self._emit(
+                    referee_registered,
+                    identity=event.identity,
+                    token=event.token,
+                    result=result,
+                    outcome=outcome,
+                )
+
+        ending = Ending.delivered(
+            event.id,
+            status=result.status,
+            response=text,
+            outcome=outcome.value,
+            credit=event.event == "qualified" and outcome is not Outcome.FIRST_TOUCH_CONFLICT,
+        )
+        return _Verdict(ending, "delivered", accepted)
 
     def notify_credits(self) -> int:
         """Send ``referrer_credited`` for every credit not yet announced."""
@@ -361,11 +467,6 @@ class Deliverer:
         return True
 
     def _emit(self, signal: object, **kwargs: object) -> None:
-        signals = getattr(self._local, "signals", None)
-        if signals is not None:
-            # Inside a pass's batch: sent once the batch is committed.
-            signals.append((signal, kwargs))
-            return
         # A receiver's bug must not undo a recorded delivery; it is logged instead.
         try:
             with self.app.app_context():
@@ -461,7 +562,7 @@ class BackgroundDelivery:
         while True:
             self._wake.clear()
             try:
-                report = self.deliverer.run_once(should_stop=self._past_drain_bound)
+                report = self.deliverer.drain(should_stop=self._past_drain_bound)
             except Exception:
                 logger.exception("delivery pass failed; the events stay in the outbox")
                 report = PassReport()
@@ -469,8 +570,6 @@ class BackgroundDelivery:
             if stop_at is not None and (report.settled_undelivered or time.monotonic() >= stop_at):
                 # Draining: stop once nothing due remains deliverable, or at the bound.
                 return
-            if report.claimed >= settings.batch_size:
-                continue
             timeout = settings.poll_interval
             try:
                 due = self.deliverer.outbox.next_due_at()
@@ -494,12 +593,8 @@ def run_worker(
     total = PassReport()
     settings = deliverer.settings
     while not should_stop():
-        report = deliverer.run_once(should_stop=should_stop)
+        report = deliverer.drain(should_stop=should_stop, on_pass=on_pass)
         total += report
-        if on_pass is not None and report.claimed:
-            on_pass(report)
-        if report.claimed >= settings.batch_size:
-            continue
         if burst:
             # Burst ends at the first pass that finds nothing due.
             if report.claimed == 0:

@@ -48,6 +48,7 @@ __all__ = [
     "PENDING",
     "STATES",
     "Credit",
+    "Ending",
     "Outbox",
     "OutboxError",
     "OutboxEvent",
@@ -172,6 +173,66 @@ def _sqlite_engine(url: URL) -> Engine:
     return engine
 
 
+class _SQLiteForkGuard:
+    """Holds ``fork()`` back while an outbox transaction on SQLite is open.
+
+    SQLite keeps the locks of a database file in one table per process, shared by
+    all its connections. A child forked while a thread of the parent is in a
+    transaction (or its COMMIT) inherits that table but not the locks, and its own
+    connections wait for locks nobody will release, or read a half-written index:
+    "database is locked" after the busy timeout, or "disk I/O error". A fork therefore
+    waits until no transaction but the forking thread's own is open, and no new one
+    begins until it is done.
+    """
+
+    def __init__(self) -> None:
+        self._idle = threading.Condition(threading.Lock())
+        self._forking = False
+        # Open transactions, by the thread that opened them.
+        self._open: dict[int, int] = {}
+        os.register_at_fork(
+            before=self._before_fork,
+            after_in_parent=self._after_fork_in_parent,
+            after_in_child=self._after_fork_in_child,
+        )
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._idle:
+            self._idle.wait_for(lambda: not self._forking)
+            self._open[me] = self._open.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                left = self._open.pop(me) - 1
+                if left:
+                    self._open[me] = left
+                self._idle.notify_all()
+
+    def _before_fork(self) -> None:
+        me = threading.get_ident()
+        self._idle.acquire()
+        self._forking = True
+        self._idle.wait_for(lambda: set(self._open) <= {me})
+
+    def _after_fork_in_parent(self) -> None:
+        self._forking = False
+        self._idle.notify_all()
+        self._idle.release()
+
+    def _after_fork_in_child(self) -> None:
+        # Only the forking thread lives on here, with its own transactions if any.
+        me = threading.get_ident()
+        self._idle = threading.Condition(threading.Lock())
+        self._forking = False
+        self._open = {me: self._open[me]} if me in self._open else {}
+
+
+_fork_guard = _SQLiteForkGuard()
+
+
 def _remember_pid(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
     record.info["pid"] = os.getpid()
 
@@ -222,6 +283,67 @@ class OutboxEvent:
     last_attempt_at: float | None = None
     lease_owner: str | None = None
     lease_until: float | None = None
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How one attempt at a leased event ended, for :meth:`Outbox.settle`.
+
+    Made with :meth:`delivered`, :meth:`retry` or :meth:`dead`, which check and clip
+    what is stored.
+    """
+
+    event_id: int
+    #: The event's columns to set (``delivered_at`` is added when it is recorded).
+    values: Mapping[str, Any]
+    #: Delivered, and owes the referee's referrer a credit.
+    credit: bool = False
+
+    @classmethod
+    def delivered(
+        cls, event_id: int, *, status: int, response: str, outcome: str, credit: bool
+    ) -> Ending:
+        """MMOLove accepted it; with ``credit``, its referee's referrer earned a reward."""
+        return cls(
+            int(event_id),
+            {
+                "state": DELIVERED,
+                "last_status": status,
+                "last_reason": None,
+                "last_error": None,
+                "response": _clip(response, TEXT_MAX),
+                "outcome": _clip(outcome, OUTCOME_MAX),
+            },
+            credit=bool(credit),
+        )
+
+    @classmethod
+    def retry(
+        cls, event_id: int, *, at: float, status: int | None, reason: str, error: str
+    ) -> Ending:
+        """Not delivered: due again at ``at``."""
+        return cls(
+            int(event_id),
+            {
+                "next_attempt_at": _time("at", at),
+                "last_status": status,
+                "last_reason": _clip(reason, REASON_MAX),
+                "last_error": _clip(error, TEXT_MAX),
+            },
+        )
+
+    @classmethod
+    def dead(cls, event_id: int, *, status: int | None, reason: str, error: str) -> Ending:
+        """Not delivered, and never retried unless requeued."""
+        return cls(
+            int(event_id),
+            {
+                "state": DEAD,
+                "last_status": status,
+                "last_reason": _clip(reason, REASON_MAX),
+                "last_error": _clip(error, TEXT_MAX),
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -327,9 +449,7 @@ class Outbox:
         self.engine = engine
         self.table_prefix = table_prefix
         self.clock = clock
-        # The connection of a batch() open in this thread, if any.
-        self._batch = threading.local()
-        # _end_lease's statements, by the columns they set.
+        # _lease_end's statements, by the columns they set.
         self._lease_ends: dict[tuple[str, ...], sa.Update] = {}
         self.metadata = sa.MetaData()
         p = table_prefix
@@ -685,106 +805,78 @@ class Outbox:
             return query
         return query.with_for_update()
 
-    def complete(
-        self,
-        event_id: int,
-        owner: str,
-        *,
-        status: int,
-        response: str,
-        outcome: str,
-        credit: bool,
-    ) -> bool:
-        """Record an accepted event; with ``credit``, owe its referee's referrer a credit.
+    def settle(self, owner: str, endings: Sequence[Ending]) -> set[int]:
+        """Record how ``owner``'s attempts at these events ended, in one transaction.
 
-        Only ``owner``'s claim can complete a pending event; otherwise nothing changes and
-        the result is False. The credit is written in the same transaction and at most
+        Returns the ids whose lease ``owner`` still held: only those changed. An event
+        whose lease ran out and was taken over keeps what its new owner records. A
+        delivered event that owes a credit writes it in the same transaction, at most
         once per referee identity, ever.
         """
+        owner = _owner(owner)
+        ids = [ending.event_id for ending in endings]
+        if len(set(ids)) != len(ids):
+            raise ValueError("settle: each event may end only once per call")
+        if not ids:
+            return set()
         e = self.events
         now = self.clock()
         with self._transaction() as conn:
-            if not self._end_lease(
-                conn,
-                event_id,
-                owner,
-                state=DELIVERED,
-                delivered_at=now,
-                last_status=status,
-                last_reason=None,
-                last_error=None,
-                response=_clip(response, TEXT_MAX),
-                outcome=_clip(outcome, OUTCOME_MAX),
-            ):
-                return False
-            if credit:
-                row = conn.execute(
-                    sa.select(e.c.identity, e.c.token).where(e.c.id == event_id)
-                ).one()
-                self._insert_if_absent(
-                    conn,
-                    self.credits,
-                    {
-                        "identity": row.identity,
-                        "token": row.token,
-                        "event_id": event_id,
-                        "outcome": _clip(outcome, OUTCOME_MAX),
-                        "created_at": now,
-                        "attempts": 0,
-                        "next_attempt_at": now,
-                    },
-                    ("identity",),
+            # Locked (PostgreSQL) or under SQLite's write lock until the commit: the
+            # leases found held here are still held when the updates run.
+            held = {
+                int(row.id): row
+                for row in conn.execute(
+                    self._locking(
+                        conn,
+                        sa.select(e.c.id, e.c.identity, e.c.token).where(
+                            e.c.id.in_(ids), e.c.lease_owner == owner, e.c.state == PENDING
+                        ),
+                    )
                 )
-        return True
+            }
+            by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            for ending in endings:
+                if ending.event_id not in held:
+                    continue
+                values = dict(ending.values)
+                if values.get("state") == DELIVERED:
+                    values["delivered_at"] = now
+                by_columns.setdefault(tuple(sorted(values)), []).append(
+                    {
+                        "k_id": ending.event_id,
+                        "k_owner": owner,
+                        **{f"v_{name}": value for name, value in values.items()},
+                    }
+                )
+            # One statement per kind of ending, each given every row of that kind.
+            for columns, rows in by_columns.items():
+                conn.execute(self._lease_end(columns), rows)
+            for ending in endings:
+                if ending.credit and ending.event_id in held:
+                    row = held[ending.event_id]
+                    self._insert_if_absent(
+                        conn,
+                        self.credits,
+                        {
+                            "identity": row.identity,
+                            "token": row.token,
+                            "event_id": ending.event_id,
+                            "outcome": ending.values["outcome"],
+                            "created_at": now,
+                            "attempts": 0,
+                            "next_attempt_at": now,
+                        },
+                        ("identity",),
+                    )
+        return set(held)
 
-    def reschedule(
-        self,
-        event_id: int,
-        owner: str,
-        *,
-        at: float,
-        status: int | None,
-        reason: str,
-        error: str,
-    ) -> bool:
-        """Give up ``owner``'s lease and make the event due again at ``at``."""
-        return self._settle(
-            event_id,
-            owner,
-            next_attempt_at=_time("at", at),
-            last_status=status,
-            last_reason=_clip(reason, REASON_MAX),
-            last_error=_clip(error, TEXT_MAX),
-        )
-
-    def dead_letter(
-        self, event_id: int, owner: str, *, status: int | None, reason: str, error: str
-    ) -> bool:
-        """Stop retrying the event; only :meth:`requeue` brings it back."""
-        return self._settle(
-            event_id,
-            owner,
-            state=DEAD,
-            last_status=status,
-            last_reason=_clip(reason, REASON_MAX),
-            last_error=_clip(error, TEXT_MAX),
-        )
-
-    def _settle(self, event_id: int, owner: str, **values: Any) -> bool:
-        with self._transaction() as conn:
-            return self._end_lease(conn, event_id, owner, **values)
-
-    def _end_lease(self, conn: Connection, event_id: int, owner: str, **values: Any) -> bool:
-        """Set ``values`` on a pending event and end ``owner``'s lease on it.
-
-        False, and nothing changed, when ``owner`` no longer holds the lease.
-        """
-        columns = tuple(sorted(values))
+    def _lease_end(self, columns: tuple[str, ...]) -> sa.Update:
+        """The statement that sets ``columns`` on a pending event and ends its lease."""
         statement = self._lease_ends.get(columns)
         if statement is None:
             # Built once per set of columns and reused with new parameters: building
-            # and caching a statement afresh cost four times what executing it does,
-            # once per delivered event.
+            # and caching a statement afresh cost four times what executing it does.
             e = self.events
             statement = (
                 sa.update(e)
@@ -802,9 +894,44 @@ class Outbox:
                 )
             )
             self._lease_ends[columns] = statement
-        params = {f"v_{name}": value for name, value in values.items()}
-        done = conn.execute(statement, {"k_id": event_id, "k_owner": owner, **params})
-        return done.rowcount == 1
+        return statement
+
+    def complete(
+        self,
+        event_id: int,
+        owner: str,
+        *,
+        status: int,
+        response: str,
+        outcome: str,
+        credit: bool,
+    ) -> bool:
+        """Record an accepted event (see :meth:`settle`); False if the lease is not ours."""
+        ending = Ending.delivered(
+            event_id, status=status, response=response, outcome=outcome, credit=credit
+        )
+        return event_id in self.settle(owner, [ending])
+
+    def reschedule(
+        self,
+        event_id: int,
+        owner: str,
+        *,
+        at: float,
+        status: int | None,
+        reason: str,
+        error: str,
+    ) -> bool:
+        """Give up ``owner``'s lease and make the event due again at ``at``."""
+        ending = Ending.retry(event_id, at=at, status=status, reason=reason, error=error)
+        return event_id in self.settle(owner, [ending])
+
+    def dead_letter(
+        self, event_id: int, owner: str, *, status: int | None, reason: str, error: str
+    ) -> bool:
+        """Stop retrying the event; only :meth:`requeue` brings it back."""
+        ending = Ending.dead(event_id, status=status, reason=reason, error=error)
+        return event_id in self.settle(owner, [ending])
 
     def requeue(self, ids: Sequence[int] | None = None) -> int:
         """Make events due now; return how many changed.
@@ -1040,29 +1167,16 @@ class Outbox:
     # --- plumbing -----------------------------------------------------------------
 
     @contextmanager
-    def batch(self) -> Iterator[None]:
-        """Make the outbox calls of this thread inside the block one transaction.
-
-        Committed when the block ends, rolled back as a whole if it raises: a
-        deliverer records a pass's answers with one commit instead of one each.
-        Nested batches join the outer one.
-        """
-        if getattr(self._batch, "conn", None) is not None:
-            yield
-            return
-        with self._transaction() as conn:
-            self._batch.conn = conn
-            try:
-                yield
-            finally:
-                self._batch.conn = None
+    def _transaction(self, *, read_only: bool = False) -> Iterator[Connection]:
+        if self.engine.dialect.name == "sqlite":
+            with _fork_guard.transaction(), self._connection(read_only) as conn:
+                yield conn
+        else:
+            with self._connection(read_only) as conn:
+                yield conn
 
     @contextmanager
-    def _transaction(self, *, read_only: bool = False) -> Iterator[Connection]:
-        shared = getattr(self._batch, "conn", None)
-        if shared is not None:
-            yield shared
-            return
+    def _connection(self, read_only: bool) -> Iterator[Connection]:
         try:
             conn = self.engine.connect()
         except sa_exc.DBAPIError as exc:

@@ -28,6 +28,7 @@ from flask_mmolove.outbox import (
     DELIVERED,
     PENDING,
     TEXT_MAX,
+    Ending,
     Outbox,
     OutboxError,
     make_engine,
@@ -789,24 +790,36 @@ def test_one_tokens_events_go_in_order(outbox: Outbox, clock: FakeClock) -> None
     assert [ev.id for ev in outbox.claim("w4", limit=10, lease=30)] == [qualified]
 
 
-def test_batch_is_one_transaction(outbox: Outbox) -> None:
-    first, second = _enqueue(outbox, 1), _enqueue(outbox, 2)
-    claimed = [ev.id for ev in outbox.claim("w", limit=10, lease=30)]
-    assert claimed == [first, second]
-
-    def fail_mid_pass() -> None:
-        with outbox.batch():
-            assert _accept(outbox, first, "w")
-            raise RuntimeError("mid-pass")
-
-    with pytest.raises(RuntimeError, match="mid-pass"):
-        fail_mid_pass()
-    # Rolled back as a whole: the first answer was not recorded either.
-    got = outbox.get(first)
-    assert got is not None
-    assert got.state == "pending"
-    with outbox.batch():
-        assert _accept(outbox, first, "w")
-        with outbox.batch():  # nested batches join the outer one
-            assert _accept(outbox, second, "w")
-    assert [outbox.get(i).state for i in (first, second)] == ["delivered", "delivered"]  # type: ignore[union-attr]
+def test_settle_records_every_kind_of_ending_at_once(outbox: Outbox, clock: FakeClock) -> None:
+    ids = [_enqueue(outbox, n) for n in range(5)]
+    assert [ev.id for ev in outbox.claim("w", limit=4, lease=30)] == ids[:4]
+    clock.advance(1)
+    endings = [
+        Ending.delivered(ids[0], status=200, response="{}", outcome="advanced", credit=True),
+        Ending.delivered(ids[1], status=200, response="{}", outcome="duplicate", credit=False),
+        Ending.retry(ids[2], at=T0 + 60, status=503, reason="server_error", error="busy"),
+        Ending.dead(ids[3], status=404, reason="not_found", error="{}"),
+        # Never claimed by "w": not its lease, left as it is.
+        Ending.dead(ids[4], status=404, reason="not_found", error="{}"),
+    ]
+    assert outbox.settle("w", endings) == set(ids[:4])
+    got = [outbox.get(i) for i in ids]
+    assert [(g.state, g.outcome, g.lease_owner) for g in got if g] == [
+        ("delivered", "advanced", None),
+        ("delivered", "duplicate", None),
+        ("pending", None, None),
+        ("dead", None, None),
+        ("pending", None, None),
+    ]
+    delivered, retried, untouched = got[0], got[2], got[4]
+    assert delivered is not None
+    assert delivered.delivered_at == T0 + 1
+    assert retried is not None
+    assert (retried.next_attempt_at, retried.last_error) == (T0 + 60, "busy")
+    assert untouched is not None
+    assert untouched.attempts == 0
+    assert outbox.stats().credits_unnotified == 1
+    # Settled once: a second try finds no lease to end.
+    assert outbox.settle("w", endings[:1]) == set()
+    with pytest.raises(ValueError, match="only once"):
+        outbox.settle("w", [endings[2], endings[2]])

@@ -4,6 +4,7 @@ gunicorn ``--preload`` workers in thread mode deliver every worker's events."""
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import http.server
 import importlib.util
 import json
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 import requests
+import sqlalchemy as sa
 from flask import Flask
 from reliability_support import (
     HERE,
@@ -36,6 +38,8 @@ from reliability_support import (
 )
 from support import wait_for
 
+from flask_mmolove.outbox import Outbox, make_engine
+
 
 def fork_and_run(child: Callable[[], bool], timeout: float = 20.0) -> int:
     """Run ``child`` in a forked process; its exit status (0: it returned True).
@@ -48,6 +52,8 @@ def fork_and_run(child: Callable[[], bool], timeout: float = 20.0) -> int:
         pid = os.fork()
     if pid == 0:  # pragma: no cover - the child reports through its exit status
         code = 1
+        # Where it hangs, if it does: every thread's stack on stderr before the kill.
+        faulthandler.dump_traceback_later(max(1.0, timeout - 1.0))
         try:
             code = 0 if child() else 3
         except BaseException:
@@ -105,6 +111,60 @@ def test_child_forked_while_the_lock_is_held_still_delivers(
     # The parent is unharmed: its thread still runs and delivers.
     register(app, mmolove_sandbox.mint_token("after"), "after")
     wait_for(lambda: mmolove_sandbox.accepted_count("registered") == 3, 10, "parent again")
+
+
+def test_a_fork_waits_until_no_sqlite_transaction_is_open(tmp_path: Path) -> None:
+    # SQLite's lock table is per process: a child forked while a parent thread is in
+    # a write transaction would wait on its lock forever (here: fail after the 2 s
+    # busy timeout), or read a half-written index ("disk I/O error").
+    outbox = Outbox(make_engine(f"sqlite:///{tmp_path / 'outbox.sqlite3'}?timeout=2"))
+    outbox.create_all()
+    first = enqueue(outbox, "first")
+    inside, release = threading.Event(), threading.Event()
+
+    def pause_in_the_claim(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        # The claim's UPDATE runs under the write lock, which it keeps until COMMIT.
+        if statement.startswith("UPDATE") and not inside.is_set():
+            inside.set()
+            release.wait(10)
+
+    sa.event.listen(outbox.engine, "before_cursor_execute", pause_in_the_claim)
+    claimer = threading.Thread(target=outbox.claim, args=("parent",), kwargs=LEASE)
+    claimer.start()
+    assert inside.wait(5)
+    # The fork below waits for the claim; the child then has the database to itself.
+    threading.Timer(0.3, release.set).start()
+
+    def child() -> bool:
+        return outbox.get(enqueue(outbox, "child")) is not None
+
+    try:
+        status = fork_and_run(child)
+    finally:
+        release.set()
+        claimer.join(10)
+    assert status == 0, f"child exit status {status}"
+    # The parent's claim went through, the child's event is in the same file, and the
+    # parent goes on as before.
+    assert [(e.id == first, e.lease_owner) for e in outbox.list_events()] == [
+        (False, None),
+        (True, "parent"),
+    ]
+    assert enqueue(outbox, "after")
+    outbox.dispose()
+
+
+LEASE = {"limit": 10, "lease": 30.0}
+
+
+def enqueue(outbox: Outbox, name: str) -> int:
+    return outbox.enqueue(
+        event="registered",
+        token=f"token-{name}",
+        identity=name,
+        server_event_id=f"reg-{name}",
+        body=b"{}",
+    )
 
 
 class KeepAliveMMOLove:
