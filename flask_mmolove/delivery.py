@@ -125,7 +125,11 @@ class _Senders:
         self._concurrency = concurrency
         self._should_stop = should_stop
         self._jobs: queue.SimpleQueue[OutboxEvent | None] = queue.SimpleQueue()
-        self._answers: queue.SimpleQueue[tuple[OutboxEvent, _Answer | None]] = queue.SimpleQueue()
+        # Answers in, and how many collect() waits for: a waiting caller is woken
+        # once per chunk, not once per answer.
+        self._answers: list[tuple[OutboxEvent, _Answer | None]] = []
+        self._wanted = 1
+        self._answered = threading.Condition(threading.Lock())
         self._threads: list[threading.Thread] = []
         # Submitted and not answered yet, with threads; to send here, without.
         self._queued = 0
@@ -148,20 +152,22 @@ class _Senders:
 
     def _work(self) -> None:
         while (event := self._jobs.get()) is not None:
-            self._answers.put(self._answer(event))
+            answer = self._answer(event)
+            with self._answered:
+                self._answers.append(answer)
+                if len(self._answers) >= self._wanted:
+                    self._answered.notify()
 
-    def collect(self) -> list[tuple[OutboxEvent, _Answer | None]]:
-        """Wait for an answer; return it with every other answer that is in."""
+    def collect(self, at_least: int) -> list[tuple[OutboxEvent, _Answer | None]]:
+        """Wait for ``at_least`` answers (or all still due); return every answer in."""
         if self._concurrency <= 1:
             answers = [self._answer(event) for event in self._unsent]
             self._unsent.clear()
             return answers
-        answers = [self._answers.get()]
-        while True:
-            try:
-                answers.append(self._answers.get_nowait())
-            except queue.Empty:
-                break
+        with self._answered:
+            self._wanted = max(1, min(at_least, self._queued))
+            self._answered.wait_for(lambda: len(self._answers) >= self._wanted)
+            answers, self._answers = self._answers, []
         self._queued -= len(answers)
         return answers
 
@@ -223,12 +229,12 @@ class Deliverer:
         ids: Sequence[int] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> PassReport:
-        """Deliver what is due now (or just ``ids``): one claim, then owed credit signals.
+        """One pass: claim what is due now (or just ``ids``), send it, record every
+        answer in one transaction, then send owed credit signals.
 
         Sends run ``MMOLOVE_CONCURRENCY`` at a time on daemon threads, never a
         ``ThreadPoolExecutor``: the interpreter joins an executor's threads at exit, so
         a send hanging on a silent MMOLove would hold the process past its drain bound.
-        Answers are recorded as they come in, a transaction for all that are in.
         Once ``should_stop()`` is true no new send starts; claimed events not sent are
         handed back, due at once, for the next deliverer instead of waiting out a lease.
         """
@@ -240,12 +246,11 @@ class Deliverer:
         should_stop: Callable[[], bool] = lambda: False,
         on_pass: Callable[[PassReport], None] | None = None,
     ) -> PassReport:
-        """Deliver until nothing is due, claiming more while earlier sends are in flight.
+        """Passes, on the same send threads, until one claims less than a full batch.
 
-        As :meth:`run_once`, but the senders are never left waiting for the database:
-        once no more than half a batch is in flight the next claim is made, so claiming
-        and recording overlap with sending. ``on_pass`` gets what was done since its
-        last call, at every claim after the first and at the end.
+        ``on_pass`` gets each pass's report. The passes do not overlap: in one process,
+        recording while sends run made every database call wait for the GIL behind
+        the send threads, and cost more than it saved (docs/benchmarks.md).
         """
         return self._run(ids=None, refill=True, should_stop=should_stop, on_pass=on_pass)
 
@@ -258,45 +263,26 @@ class Deliverer:
         on_pass: Callable[[PassReport], None] | None = None,
     ) -> PassReport:
         settings = self.settings
-        total, report = PassReport(), PassReport()
+        total = PassReport()
         senders = _Senders(self._send, settings.concurrency, should_stop)
-        # Claim again once this few are in flight: enough left to keep every sender
-        # busy while the claim runs.
-        low_water = max(settings.concurrency, settings.batch_size // 2)
-        in_flight = 0
-        may_claim = True
         try:
             while True:
-                if may_claim and in_flight <= low_water and not should_stop():
-                    if report.claimed:
-                        report.credited = self.notify_credits()
-                        total += report
-                        if on_pass is not None:
-                            on_pass(report)
-                        report = PassReport()
-                    limit = settings.batch_size - in_flight
-                    events = self.outbox.claim(
-                        self.owner, limit=limit, lease=settings.lease, ids=ids
-                    )
-                    report.claimed += len(events)
-                    in_flight += len(events)
+                report = PassReport()
+                events = self.outbox.claim(
+                    self.owner, limit=settings.batch_size, lease=settings.lease, ids=ids
+                )
+                report.claimed = len(events)
+                if events:
                     senders.submit(events)
-                    # A short claim found all that was due, but for events waiting on
-                    # an earlier one of their token in flight: try again after the
-                    # next answers are recorded.
-                    may_claim = refill and (len(events) == limit or in_flight > 0)
-                if not in_flight:
-                    break
-                answers = senders.collect()
-                in_flight -= len(answers)
-                self._record(answers, report)
+                    self._record(senders.collect(len(events)), report)
+                report.credited = self.notify_credits()
+                total += report
+                if on_pass is not None and report.claimed:
+                    on_pass(report)
+                if not refill or len(events) < settings.batch_size or should_stop():
+                    return total
         finally:
             senders.close()
-        report.credited = self.notify_credits()
-        total += report
-        if on_pass is not None and report.claimed:
-            on_pass(report)
-        return total
 
     def _record(
         self, answers: Sequence[tuple[OutboxEvent, _Answer | None]], report: PassReport
