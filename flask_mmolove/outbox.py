@@ -449,7 +449,10 @@ class Outbox:
         self.engine = engine
         self.table_prefix = table_prefix
         self.clock = clock
-        # _lease_end's statements, by the columns they set.
+        # _lease_end's statements, by the columns they set; _lease's, by name.
+        self._claims: dict[
+            tuple[str, bool], tuple[sa.Select[Any], sa.Update, sa.Select[Any] | None]
+        ] = {}
         self._lease_ends: dict[tuple[str, ...], sa.Update] = {}
         self.metadata = sa.MetaData()
         p = table_prefix
@@ -716,69 +719,118 @@ class Outbox:
                 return []
         e = self.events
         now = self.clock()
-        until = now + lease
-        due = sa.and_(
-            e.c.state == PENDING,
-            e.c.next_attempt_at <= now,
-            _unleased(e, now),
-            ~self._waits_for_older(),
-        )
-        query = sa.select(e.c.id).where(due).order_by(e.c.next_attempt_at, e.c.id).limit(limit)
-        if ids is not None:
-            query = query.where(e.c.id.in_(ids))
+
+        def due() -> sa.ColumnElement[bool]:
+            due = sa.and_(
+                e.c.state == PENDING,
+                e.c.next_attempt_at <= sa.bindparam("now"),
+                _unleased(e, sa.bindparam("now")),
+                ~self._waits_for_older(),
+            )
+            if ids is None:
+                return due
+            return sa.and_(due, e.c.id.in_(sa.bindparam("ids", expanding=True)))
+
         rows = self._lease(
-            e,
+            ("events", ids is not None),
             e.c.id,
-            query,
             due,
+            (e.c.next_attempt_at, e.c.id),
+            {"now": now, "limit": limit, **({} if ids is None else {"ids": ids})},
             owner=owner,
-            until=until,
+            until=now + lease,
             last_attempt_at=now,
         )
         return [self._event(row) for row in rows]
 
     def _lease(
         self,
-        table: sa.Table,
+        name: tuple[str, bool],
         key: sa.Column[Any],
-        query: sa.Select[Any],
-        due: sa.ColumnElement[bool],
+        due: Callable[[], sa.ColumnElement[bool]],
+        order: Sequence[sa.Column[Any]],
+        params: dict[str, Any],
         *,
         owner: str,
         until: float,
         **values: Any,
     ) -> list[sa.Row[Any]]:
-        """Lease the rows ``query`` picks (their ``key``s) to ``owner``; in pick order.
+        """Lease up to ``params["limit"]`` rows that are ``due``, first in ``order``, to
+        ``owner``; the rows as they are now, in that order. ``due()`` builds the
+        condition, with ``now`` (and any other name in ``params``) as bound parameters.
 
         The one claiming mechanism of the outbox, for events and credits alike: each
         claim counts as an attempt, and the row is next due when its lease runs out.
+        ``due`` and ``order`` must be the same for a ``name``: its statements are built
+        once (building them cost as much as running them).
         """
+        table = key.table
+        assert isinstance(table, sa.Table)
         with self._transaction() as conn:
-            chosen = list(conn.scalars(self._locking(conn, query)))
+            pick, lease, read = self._lease_statements(conn, name, key, due, order, values)
+            chosen = list(conn.scalars(pick, params))
             if not chosen:
                 return []
-            # On SQLite the chosen rows are still due: BEGIN IMMEDIATE has held the
-            # write lock since the SELECT. Matched by key alone, they are found by
-            # primary key; with ``due`` SQLite walks the whole due range of the index.
-            still_due = due if conn.dialect.name != "sqlite" else sa.true()
-            conn.execute(
-                sa.update(table)
-                .where(key.in_(chosen), still_due)
-                .values(
-                    lease_owner=owner,
-                    lease_until=until,
-                    # Leased rows move out of the due range of the index, so the next
-                    # claim does not wade through what is in flight.
-                    next_attempt_at=until,
-                    attempts=table.c.attempts + 1,
-                    **values,
-                )
+            leased = conn.execute(
+                lease,
+                {
+                    **params,
+                    "chosen": chosen,
+                    "owner": owner,
+                    "until": until,
+                    **{f"v_{column}": value for column, value in values.items()},
+                },
             )
-            rows = conn.execute(
-                sa.select(table).where(key.in_(chosen), table.c.lease_owner == owner)
-            ).all()
-        order = {k: n for n, k in enumerate(chosen)}
-        return sorted(rows, key=lambda row: order[row._mapping[key.name]])
+            if read is None:
+                rows = leased.all()
+            else:
+                rows = conn.execute(read, {"chosen": chosen, "owner": owner}).all()
+        position = {k: n for n, k in enumerate(chosen)}
+        return sorted(rows, key=lambda row: position[row._mapping[key.name]])
+
+    def _lease_statements(
+        self,
+        conn: Connection,
+        name: tuple[str, bool],
+        key: sa.Column[Any],
+        due: Callable[[], sa.ColumnElement[bool]],
+        order: Sequence[sa.Column[Any]],
+        values: Mapping[str, Any],
+    ) -> tuple[sa.Select[Any], sa.Update, sa.Select[Any] | None]:
+        """Pick, lease and (without RETURNING) read back: built once per ``name``."""
+        built = self._claims.get(name)
+        if built is not None:
+            return built
+        table = key.table
+        assert isinstance(table, sa.Table)
+        condition = due()
+        pick = self._locking(
+            conn, sa.select(key).where(condition).order_by(*order).limit(sa.bindparam("limit"))
+        )
+        chosen = key.in_(sa.bindparam("chosen", expanding=True))
+        # On SQLite the chosen rows are still due: BEGIN IMMEDIATE has held the write
+        # lock since the SELECT. Matched by key alone, they are found by primary key;
+        # with ``due`` SQLite walks the whole due range of the index.
+        lease = (
+            sa.update(table)
+            .where(chosen, condition if conn.dialect.name != "sqlite" else sa.true())
+            .values(
+                lease_owner=sa.bindparam("owner"),
+                lease_until=sa.bindparam("until"),
+                # Leased rows move out of the due range of the index, so the next
+                # claim does not wade through what is in flight.
+                next_attempt_at=sa.bindparam("until"),
+                attempts=table.c.attempts + 1,
+                **{column: sa.bindparam(f"v_{column}") for column in values},
+            )
+        )
+        read: sa.Select[Any] | None = None
+        if conn.dialect.update_returning:
+            lease = lease.returning(*table.c)
+        else:
+            read = sa.select(table).where(chosen, table.c.lease_owner == sa.bindparam("owner"))
+        self._claims[name] = (pick, lease, read)
+        return pick, lease, read
 
     def _waits_for_older(self) -> sa.Exists:
         """True for an event while an earlier event of its token is still pending.
@@ -1099,25 +1151,18 @@ class Outbox:
         _positive("lease", lease)
         c = self.credits
         now = self.clock()
-        until = now + lease
-        due = sa.and_(
-            c.c.notified_at.is_(None),
-            c.c.next_attempt_at <= now,
-            _unleased(c, now),
-        )
-        query = (
-            sa.select(c.c.identity)
-            .where(due)
-            .order_by(c.c.next_attempt_at, c.c.created_at, c.c.identity)
-            .limit(limit)
-        )
         rows = self._lease(
-            c,
+            ("credits", False),
             c.c.identity,
-            query,
-            due,
+            lambda: sa.and_(
+                c.c.notified_at.is_(None),
+                c.c.next_attempt_at <= sa.bindparam("now"),
+                _unleased(c, sa.bindparam("now")),
+            ),
+            (c.c.next_attempt_at, c.c.created_at, c.c.identity),
+            {"now": now, "limit": limit},
             owner=owner,
-            until=until,
+            until=now + lease,
         )
         return [
             Credit(
@@ -1221,7 +1266,7 @@ class Outbox:
         return None
 
 
-def _unleased(table: sa.Table, now: float) -> sa.ColumnElement[bool]:
+def _unleased(table: sa.Table, now: float | sa.BindParameter[Any]) -> sa.ColumnElement[bool]:
     """No lease on the row, or its lease has run out."""
     return sa.or_(table.c.lease_until.is_(None), table.c.lease_until <= now)
 
