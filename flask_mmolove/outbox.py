@@ -875,17 +875,21 @@ class Outbox:
         now = self.clock()
         with self._transaction() as conn:
             # Locked (PostgreSQL) or under SQLite's write lock until the commit: the
-            # leases found held here are still held when the updates run.
+            # leases found held here are still held when the updates run. Found by
+            # primary key alone: given "state = 'pending'" too, SQLite reads every
+            # pending event through the due index (x3.7 per event at 100k waiting).
+            found = conn.execute(
+                self._locking(
+                    conn,
+                    sa.select(e.c.id, e.c.identity, e.c.token, e.c.lease_owner, e.c.state).where(
+                        e.c.id.in_(ids)
+                    ),
+                )
+            )
             held = {
                 int(row.id): row
-                for row in conn.execute(
-                    self._locking(
-                        conn,
-                        sa.select(e.c.id, e.c.identity, e.c.token).where(
-                            e.c.id.in_(ids), e.c.lease_owner == owner, e.c.state == PENDING
-                        ),
-                    )
-                )
+                for row in found
+                if row.lease_owner == owner and row.state == PENDING
             }
             by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             for ending in endings:
