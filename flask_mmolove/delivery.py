@@ -18,7 +18,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 from flask import Flask
 
@@ -98,7 +98,7 @@ class _Verdict:
     and what to log and signal once the ending is recorded."""
 
     ending: Ending
-    count: str
+    count: Literal["delivered", "retried", "dead", "released"]
     tell: Callable[[], None]
 
 
@@ -152,11 +152,15 @@ class _Senders:
 
     def _work(self) -> None:
         while (event := self._jobs.get()) is not None:
-            answer = self._answer(event)
-            with self._answered:
-                self._answers.append(answer)
-                if len(self._answers) >= self._wanted:
-                    self._answered.notify()
+            # Whatever happens, the event is answered: collect() waits for every one.
+            answer: tuple[OutboxEvent, _Answer | None] = (event, None)
+            try:
+                answer = self._answer(event)
+            finally:
+                with self._answered:
+                    self._answers.append(answer)
+                    if len(self._answers) >= self._wanted:
+                        self._answered.notify()
 
     def collect(self, at_least: int) -> list[tuple[OutboxEvent, _Answer | None]]:
         """Wait for ``at_least`` answers (or all still due); return every answer in."""

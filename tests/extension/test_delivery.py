@@ -273,3 +273,40 @@ def test_registered_body_is_stored_once_and_sent_verbatim(
         "server_event_id",
         "ts",
     ]
+
+
+def test_drain_passes_until_a_claim_comes_back_short(
+    make_portal: Callable[..., Flask], mmolove_sandbox: Any
+) -> None:
+    app = make_portal(MMOLOVE_DELIVERY="worker", MMOLOVE_BATCH_SIZE=2, MMOLOVE_CONCURRENCY=2)
+    for n in range(5):
+        enqueue_registration(app, mmolove_sandbox, f"player{n}")
+    passes: list[tuple[int, int]] = []
+    total = app.extensions["mmolove"].deliverer.drain(
+        on_pass=lambda report: passes.append((report.claimed, report.delivered))
+    )
+    # Full batches call for another pass; the short third one ends the run.
+    assert passes == [(2, 2), (2, 2), (1, 1)]
+    assert (total.claimed, total.delivered) == (5, 5)
+    assert mmolove_sandbox.accepted_count("registered") == 5
+
+
+def test_a_stopping_drain_hands_back_what_it_did_not_send(
+    make_portal: Callable[..., Flask], mmolove_sandbox: Any
+) -> None:
+    app = make_portal(MMOLOVE_DELIVERY="worker", MMOLOVE_BATCH_SIZE=4, MMOLOVE_CONCURRENCY=1)
+    for n in range(6):
+        enqueue_registration(app, mmolove_sandbox, f"player{n}")
+    sent = 0
+
+    def should_stop() -> bool:
+        # Asked before each send: stop after the second.
+        nonlocal sent
+        sent += 1
+        return sent > 2
+
+    total = app.extensions["mmolove"].deliverer.drain(should_stop=should_stop)
+    assert (total.claimed, total.delivered, total.released) == (4, 2, 2)
+    outbox = app.extensions["mmolove"].outbox
+    assert outbox.stats().pending == 4
+    assert outbox.stats().in_flight == 0
