@@ -275,12 +275,22 @@ def test_registered_body_is_stored_once_and_sent_verbatim(
     ]
 
 
+def backlog_portal(
+    make_portal: Callable[..., Flask], sandbox: Any, events: int, batch: int, concurrency: int
+) -> Flask:
+    """A worker-mode portal with ``events`` registrations waiting."""
+    app = make_portal(
+        MMOLOVE_DELIVERY="worker", MMOLOVE_BATCH_SIZE=batch, MMOLOVE_CONCURRENCY=concurrency
+    )
+    for n in range(events):
+        enqueue_registration(app, sandbox, f"player{n}")
+    return app
+
+
 def test_drain_passes_until_a_claim_comes_back_short(
     make_portal: Callable[..., Flask], mmolove_sandbox: Any
 ) -> None:
-    app = make_portal(MMOLOVE_DELIVERY="worker", MMOLOVE_BATCH_SIZE=2, MMOLOVE_CONCURRENCY=2)
-    for n in range(5):
-        enqueue_registration(app, mmolove_sandbox, f"player{n}")
+    app = backlog_portal(make_portal, mmolove_sandbox, events=5, batch=2, concurrency=2)
     passes: list[tuple[int, int]] = []
     total = app.extensions["mmolove"].deliverer.drain(
         on_pass=lambda report: passes.append((report.claimed, report.delivered))
@@ -294,9 +304,7 @@ def test_drain_passes_until_a_claim_comes_back_short(
 def test_a_stopping_drain_hands_back_what_it_did_not_send(
     make_portal: Callable[..., Flask], mmolove_sandbox: Any
 ) -> None:
-    app = make_portal(MMOLOVE_DELIVERY="worker", MMOLOVE_BATCH_SIZE=4, MMOLOVE_CONCURRENCY=1)
-    for n in range(6):
-        enqueue_registration(app, mmolove_sandbox, f"player{n}")
+    app = backlog_portal(make_portal, mmolove_sandbox, events=6, batch=4, concurrency=1)
     sent = 0
 
     def should_stop() -> bool:
