@@ -866,3 +866,43 @@ def test_claim_and_settle_never_read_every_waiting_event(tmp_path: Path) -> None
             assert not step.startswith("SCAN"), (statement, steps)
             assert not step.endswith("USING INDEX mmolove_events_due (state=?)"), (statement, steps)
     outbox.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("foreign_key", [True, False], ids=["key share", "for update"])
+def test_settle_waits_for_a_row_lock_it_does_not_refuse_the_lease(foreign_key: bool) -> None:
+    # A portal's foreign key to the events table locks rows FOR KEY SHARE: no reason to
+    # wait. A claimer's pick can hold a row FOR UPDATE for a moment and pass it by:
+    # worth waiting for. Neither takes the lease, so the answer is never refused.
+    engine = make_engine(_pg_url())
+    outbox = Outbox(engine, table_prefix=_prefix())
+    outbox.create_all()
+    try:
+        event_id = _enqueue(outbox)
+        assert [ev.id for ev in outbox.claim("w", limit=1, lease=60)] == [event_id]
+        e = outbox.events
+        recorded: list[bool] = []
+
+        def settle() -> None:
+            recorded.append(_accept(outbox, event_id, "w"))
+
+        with engine.connect() as other:
+            other.execute(
+                sa.select(e.c.id)
+                .where(e.c.id == event_id)
+                .with_for_update(read=foreign_key, key_share=foreign_key)
+            )
+            settler = threading.Thread(target=settle)
+            settler.start()
+            settler.join(5 if foreign_key else 0.5)
+            # Not held up by a foreign key's lock.
+            assert not (foreign_key and settler.is_alive())
+            other.rollback()
+        settler.join(10)
+        assert recorded == [True]
+        got = outbox.get(event_id)
+        assert got is not None
+        assert (got.state, got.lease_owner) == ("delivered", None)
+    finally:
+        outbox.drop_all()
+        engine.dispose()
