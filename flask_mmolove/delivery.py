@@ -142,13 +142,20 @@ class _Senders:
         for event in events:
             self._jobs.put(event)
         self._queued += len(events)
+        # Only a BaseException (the interpreter going down) ends a thread early.
+        self._threads = [thread for thread in self._threads if thread.is_alive()]
         while len(self._threads) < min(self._concurrency, self._queued):
             thread = threading.Thread(target=self._work, name="mmolove-send", daemon=True)
             thread.start()
             self._threads.append(thread)
 
     def _answer(self, event: OutboxEvent) -> tuple[OutboxEvent, _Answer | None]:
-        return event, None if self._should_stop() else self._send(event)
+        try:
+            stopping = self._should_stop()
+        except Exception:
+            logger.exception("should_stop raised: taken as stop, event %d not sent", event.id)
+            stopping = True
+        return event, None if stopping else self._send(event)
 
     def _work(self) -> None:
         while (event := self._jobs.get()) is not None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -287,6 +289,12 @@ def backlog_portal(
     return app
 
 
+def counting(answer: Callable[[int], bool]) -> Callable[[], bool]:
+    """A ``should_stop`` whose n-th call (from 1) returns ``answer(n)``."""
+    calls = itertools.count(1)
+    return lambda: answer(next(calls))
+
+
 def test_drain_passes_until_a_claim_comes_back_short(
     make_portal: Callable[..., Flask], mmolove_sandbox: Any
 ) -> None:
@@ -305,16 +313,39 @@ def test_a_stopping_drain_hands_back_what_it_did_not_send(
     make_portal: Callable[..., Flask], mmolove_sandbox: Any
 ) -> None:
     app = backlog_portal(make_portal, mmolove_sandbox, events=6, batch=4, concurrency=1)
-    sent = 0
-
-    def should_stop() -> bool:
-        # Asked before each send: stop after the second.
-        nonlocal sent
-        sent += 1
-        return sent > 2
-
+    # Asked before each send: stop after the second.
+    should_stop = counting(lambda n: n > 2)
     total = app.extensions["mmolove"].deliverer.drain(should_stop=should_stop)
     assert (total.claimed, total.delivered, total.released) == (4, 2, 2)
     outbox = app.extensions["mmolove"].outbox
     assert outbox.stats().pending == 4
     assert outbox.stats().in_flight == 0
+
+
+def test_a_failing_should_stop_hands_the_event_back_and_the_pass_goes_on(
+    make_portal: Callable[..., Flask], mmolove_sandbox: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = backlog_portal(make_portal, mmolove_sandbox, events=4, batch=4, concurrency=2)
+
+    def stop_check(n: int) -> bool:
+        if n <= 2:
+            raise RuntimeError("a bug in the caller's stop check")
+        return False
+
+    should_stop = counting(stop_check)
+
+    totals: list[Any] = []
+    runner = threading.Thread(
+        target=lambda: totals.append(
+            app.extensions["mmolove"].deliverer.drain(should_stop=should_stop)
+        )
+    )
+    runner.start()
+    # Before the fix, both send threads died on the exception and the pass waited forever.
+    runner.join(30)
+    assert not runner.is_alive()
+    [total] = totals
+    # Two handed back unsent, then delivered by the next pass.
+    assert (total.claimed, total.delivered, total.released) == (6, 4, 2)
+    assert mmolove_sandbox.accepted_count("registered") == 4
+    assert "should_stop raised" in caplog.text
