@@ -190,17 +190,13 @@ class _SQLiteForkGuard:
         self._forking = False
         # Open transactions, by the thread that opened them.
         self._open: dict[int, int] = {}
-        os.register_at_fork(
-            before=self._before_fork,
-            after_in_parent=self._after_fork_in_parent,
-            after_in_child=self._after_fork_in_child,
-        )
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
         me = threading.get_ident()
         with self._idle:
-            self._idle.wait_for(lambda: not self._forking)
+            # A thread already in a transaction goes on: the fork is waiting for it.
+            self._idle.wait_for(lambda: not self._forking or me in self._open)
             self._open[me] = self._open.get(me, 0) + 1
         try:
             yield
@@ -231,6 +227,11 @@ class _SQLiteForkGuard:
 
 
 _fork_guard = _SQLiteForkGuard()
+os.register_at_fork(
+    before=_fork_guard._before_fork,
+    after_in_parent=_fork_guard._after_fork_in_parent,
+    after_in_child=_fork_guard._after_fork_in_child,
+)
 
 
 def _remember_pid(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:

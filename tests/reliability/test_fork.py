@@ -38,7 +38,7 @@ from reliability_support import (
 )
 from support import wait_for
 
-from flask_mmolove.outbox import Outbox, make_engine
+from flask_mmolove.outbox import Outbox, _SQLiteForkGuard, make_engine
 
 
 def fork_and_run(child: Callable[[], bool], timeout: float = 20.0) -> int:
@@ -378,3 +378,34 @@ def test_fork_resets_every_deliverer_not_only_thread_mode(
 
     assert fork_and_run(child) == 0
     assert outbox_of(app).stats().delivered == 2
+
+
+def test_a_pending_fork_lets_an_open_transaction_nest_and_finish() -> None:
+    # The fork waits for the thread's transaction; were a nested one made to wait for
+    # the fork, neither would ever finish.
+    guard = _SQLiteForkGuard()
+    inside, nested = threading.Event(), threading.Event()
+
+    def transaction() -> None:
+        with guard.transaction():
+            inside.set()
+            deadline = time.monotonic() + 5
+            while not guard._forking and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with guard.transaction():
+                nested.set()
+
+    def fork_hooks() -> None:
+        guard._before_fork()
+        guard._after_fork_in_parent()
+
+    worker = threading.Thread(target=transaction, daemon=True)
+    worker.start()
+    assert inside.wait(5)
+    forker = threading.Thread(target=fork_hooks, daemon=True)
+    forker.start()
+    worker.join(10)
+    forker.join(10)
+    assert nested.is_set()
+    assert not worker.is_alive()
+    assert not forker.is_alive()
