@@ -765,8 +765,6 @@ class Outbox:
         ``due`` and ``order`` must be the same for a ``name``: its statements are built
         once (building them cost as much as running them).
         """
-        table = key.table
-        assert isinstance(table, sa.Table)
         with self._transaction() as conn:
             pick, lease, read = self._lease_statements(conn, name, key, due, order, values)
             chosen = list(conn.scalars(pick, params))
