@@ -32,7 +32,7 @@ screenshots: $(STAMP)
 	MMOLOVE_SCREENSHOTS=1 $(BIN)/pytest -q tests/browser
 
 bench: $(STAMP)
-	@command -v wrk >/dev/null 2>&1 || echo "note: wrk is not installed (apt-get install -y wrk): the gunicorn + wrk part of the overhead benchmark is skipped" >&2
+	@command -v wrk >/dev/null 2>&1 || echo "note: wrk is not installed (apt-get install -y wrk): the gunicorn + wrk part of the overhead benchmark and the sandbox's ceiling in the throughput benchmark are skipped" >&2
 	@command -v valgrind >/dev/null 2>&1 || echo "note: valgrind is not installed (apt-get install -y valgrind): the instruction counts of the overhead benchmark are skipped" >&2
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
