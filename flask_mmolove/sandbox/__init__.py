@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from .app import INGEST_PATH, create_sandbox_app, sandbox_state
 from .command import main
+from .faults import Fault
+from .log import LogRecord
+from .rules import Referral
 from .server import SandboxServer
-from .state import Fault, LogRecord, Referral, SandboxState
+from .state import SandboxState
 from .tokens import (
     TOKEN_LIFETIME,
     ExpiredTokenError,

@@ -14,7 +14,9 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as BaseResponse
 
 from ..protocol import DEFAULT_TOLERANCE, SIGNATURE_HEADER
-from .state import Fault, Reply, SandboxState, fault_from_json
+from .faults import Fault, fault_from_json
+from .rules import Reply
+from .state import SandboxState
 from .tokens import TOKEN_LIFETIME
 
 EXTENSION_KEY: Final = "mmolove_sandbox"

@@ -16,7 +16,9 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from ..protocol import DEFAULT_TOLERANCE
 from .app import INGEST_PATH, create_sandbox_app, sandbox_state
-from .state import LogRecord, Referral, SandboxState
+from .log import LogRecord
+from .rules import Referral
+from .state import SandboxState
 
 if TYPE_CHECKING:
     from ..client import ReferralClient
