@@ -38,7 +38,8 @@ from reliability_support import (
 )
 from support import wait_for
 
-from flask_mmolove.outbox import Outbox, _SQLiteForkGuard, make_engine
+from flask_mmolove.outbox import Outbox, make_engine
+from flask_mmolove.outbox.engine import _SQLiteForkGuard
 
 
 def fork_and_run(child: Callable[[], bool], timeout: float = 20.0) -> int:

@@ -1,0 +1,272 @@
+"""Connections to the outbox database: engines per dialect, fork safety, transactions,
+and database errors turned into messages that say what to fix."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
+
+from .values import OutboxError
+
+#: How long a SQLite writer waits for another process's write transaction.
+SQLITE_BUSY_TIMEOUT: Final = 30.0
+#: How long a PostgreSQL connection attempt may take before it counts as unreachable.
+PG_CONNECT_TIMEOUT: Final = 10
+
+# Execution option a read-only transaction sets so SQLite does not take the write
+# lock for it (see make_engine).
+_DEFERRED: Final = "mmolove_deferred_begin"
+_BEGIN_IMMEDIATE: Final = "BEGIN IMMEDIATE"
+_BEGIN_DEFERRED: Final = "BEGIN"
+
+
+def make_engine(uri: str | URL) -> Engine:
+    """Create an engine suited to the outbox for ``uri``.
+
+    SQLite (one host): WAL journal so readers never block the writer, a
+    ``SQLITE_BUSY_TIMEOUT`` busy timeout, foreign keys on, and every transaction begins
+    with ``BEGIN IMMEDIATE`` (SQLAlchemy's documented pysqlite recipe: the driver's own
+    BEGIN handling is switched off and the engine's ``begin`` event emits ours). Taking
+    the write lock up front makes concurrent claimers in several processes queue on
+    the busy timeout; a deferred BEGIN would let two of them read, then fail to upgrade
+    with "database is locked" without ever waiting. The Outbox's read-only methods opt
+    back into a deferred BEGIN. The parent directory of a file path is created. An
+    in-memory database (``sqlite://``) gets one connection shared by all threads: it is
+    for tests, not for several processes.
+
+    PostgreSQL and others: ``pool_pre_ping`` so a connection dropped by a restart or a
+    proxy is replaced instead of failing the next claim, and a connect timeout for the
+    psycopg drivers.
+
+    Fork: a child process must not use its parent's connections. After ``fork()`` call
+    ``engine.dispose(close=False)`` in the child (closing would shut the parent's
+    connections too). As a safety net, a connection made in another process is refused
+    at checkout and replaced by a fresh one.
+    """
+    url = make_url(uri)
+    if url.get_backend_name() == "sqlite":
+        engine = _sqlite_engine(url)
+    else:
+        connect_args: dict[str, Any] = {}
+        if (
+            url.get_backend_name() == "postgresql"
+            and url.get_driver_name() in ("psycopg", "psycopg2")
+            and "connect_timeout" not in url.query
+        ):
+            connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT
+        engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+    sa.event.listen(engine, "connect", _remember_pid)
+    sa.event.listen(engine, "checkout", _refuse_foreign_connection)
+    return engine
+
+
+def _sqlite_engine(url: URL) -> Engine:
+    database = url.database or ""
+    memory = database in ("", ":memory:") or url.query.get("mode") == "memory"
+    uri_mode = database.startswith("file:") or url.query.get("uri") == "true"
+    if not memory and not uri_mode:
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    # A ?timeout= in the URL is the driver's own knob; honour it rather than override it.
+    timeout = float(str(url.query["timeout"])) if "timeout" in url.query else SQLITE_BUSY_TIMEOUT
+    kwargs: dict[str, Any] = {"connect_args": {"timeout": timeout}}
+    if memory:
+        # Every new connection to ":memory:" is a new, empty database, so all threads
+        # must share one: a pool of exactly one, handed to one thread at a time.
+        kwargs = {
+            "connect_args": {"timeout": timeout, "check_same_thread": False},
+            "poolclass": QueuePool,
+            "pool_size": 1,
+            "max_overflow": 0,
+        }
+    engine = sa.create_engine(url, **kwargs)
+
+    def on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        # Stop the driver from issuing its own (deferred) BEGIN; on_begin issues ours.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            # busy_timeout first: switching to WAL needs a lock another process may hold.
+            cursor.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            if not memory:
+                cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    def on_begin(conn: Connection) -> None:
+        deferred = conn.get_execution_options().get(_DEFERRED, False)
+        conn.exec_driver_sql(_BEGIN_DEFERRED if deferred else _BEGIN_IMMEDIATE)
+
+    sa.event.listen(engine, "connect", on_connect)
+    sa.event.listen(engine, "begin", on_begin)
+    return engine
+
+
+# --- fork safety --------------------------------------------------------------------
+
+
+class _SQLiteForkGuard:
+    """Holds ``fork()`` back while an outbox transaction on SQLite is open.
+
+    SQLite keeps the locks of a database file in one table per process, shared by
+    all its connections. A child forked while a thread of the parent is in a
+    transaction (or its COMMIT) inherits that table but not the locks, and its own
+    connections wait for locks nobody will release, or read a half-written index:
+    "database is locked" after the busy timeout, or "disk I/O error". A fork therefore
+    waits until no transaction but the forking thread's own is open, and no new one
+    begins until it is done.
+    """
+
+    def __init__(self) -> None:
+        self._idle = threading.Condition(threading.Lock())
+        self._forking = False
+        # Open transactions, by the thread that opened them.
+        self._open: dict[int, int] = {}
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._idle:
+            # A thread already in a transaction goes on: the fork is waiting for it.
+            self._idle.wait_for(lambda: not self._forking or me in self._open)
+            self._open[me] = self._open.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                left = self._open.pop(me) - 1
+                if left:
+                    self._open[me] = left
+                self._idle.notify_all()
+
+    def _before_fork(self) -> None:
+        me = threading.get_ident()
+        self._idle.acquire()
+        self._forking = True
+        self._idle.wait_for(lambda: set(self._open) <= {me})
+
+    def _after_fork_in_parent(self) -> None:
+        self._forking = False
+        self._idle.notify_all()
+        self._idle.release()
+
+    def _after_fork_in_child(self) -> None:
+        # Only the forking thread lives on here, with its own transactions if any.
+        me = threading.get_ident()
+        self._idle = threading.Condition(threading.Lock())
+        self._forking = False
+        self._open = {me: self._open[me]} if me in self._open else {}
+
+
+_fork_guard = _SQLiteForkGuard()
+os.register_at_fork(
+    before=_fork_guard._before_fork,
+    after_in_parent=_fork_guard._after_fork_in_parent,
+    after_in_child=_fork_guard._after_fork_in_child,
+)
+
+
+def _remember_pid(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    record.info["pid"] = os.getpid()
+
+
+def _refuse_foreign_connection(
+    dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
+) -> None:
+    # SQLAlchemy's documented fork guard: a connection inherited over fork() shares its
+    # socket or file locks with the parent; drop it without closing and make a new one.
+    pid = os.getpid()
+    if record.info.get("pid", pid) != pid:
+        record.dbapi_connection = None  # type: ignore[misc]
+        proxy.dbapi_connection = None  # type: ignore[misc]
+        raise sa_exc.DisconnectionError(
+            f"connection made in process {record.info['pid']} refused in process {pid}"
+        )
+
+
+# --- transactions -------------------------------------------------------------------
+
+
+@contextmanager
+def transaction(
+    engine: Engine, *, read_only: bool = False, tables: Sequence[str] = ()
+) -> Iterator[Connection]:
+    """A connection of ``engine`` in a transaction, committed when the block ends.
+
+    On SQLite a write transaction holds the write lock from its BEGIN, and a read-only
+    one (``read_only``) takes none; no ``fork()`` happens while either is open. A
+    database error that needs the operator is raised as an :class:`OutboxError` saying
+    what to fix; ``tables`` are named when they are missing.
+    """
+    if engine.dialect.name == "sqlite":
+        with _fork_guard.transaction(), _connection(engine, read_only, tables) as conn:
+            yield conn
+    else:
+        with _connection(engine, read_only, tables) as conn:
+            yield conn
+
+
+@contextmanager
+def _connection(engine: Engine, read_only: bool, tables: Sequence[str]) -> Iterator[Connection]:
+    try:
+        conn = engine.connect()
+    except sa_exc.DBAPIError as exc:
+        raise OutboxError(
+            f"cannot connect to the outbox database {_url(engine)}: {_reason(exc)}"
+        ) from exc
+    with conn:
+        if read_only:
+            # Only SQLite's begin hook reads this; elsewhere it is inert.
+            conn.execution_options(**{_DEFERRED: True})
+        with explained(engine, tables), conn.begin():
+            yield conn
+
+
+@contextmanager
+def explained(engine: Engine, tables: Sequence[str]) -> Iterator[None]:
+    """Raise a database error of the block that needs the operator as an
+    :class:`OutboxError` saying what to fix; any other goes on as it is."""
+    try:
+        yield
+    except sa_exc.DBAPIError as exc:
+        explanation = _explain(exc, _url(engine), tables)
+        if explanation is None:
+            raise
+        raise explanation from exc
+
+
+def _explain(exc: sa_exc.DBAPIError, url: str, tables: Sequence[str]) -> OutboxError | None:
+    reason = _reason(exc)
+    if getattr(exc.orig, "sqlstate", None) == "42P01" or "no such table" in reason:
+        return OutboxError(
+            f"the outbox tables ({', '.join(tables)}) do not exist in {url}: create them "
+            "with Outbox.create_all()"
+        )
+    if "database is locked" in reason:
+        return OutboxError(
+            f"the SQLite outbox {url} stayed locked past its busy timeout "
+            f"(default {SQLITE_BUSY_TIMEOUT:g} s): another connection holds a long "
+            "write transaction on it, or the file is on a network filesystem, where "
+            "SQLite locking does not work"
+        )
+    if exc.connection_invalidated:
+        return OutboxError(f"lost the connection to the outbox database {url}: {reason}")
+    return None
+
+
+def _url(engine: Engine) -> str:
+    # Never the password: these messages end up in logs.
+    return engine.url.render_as_string(hide_password=True)
+
+
+def _reason(exc: sa_exc.DBAPIError) -> str:
+    return str(exc.orig).strip() or type(exc.orig).__name__

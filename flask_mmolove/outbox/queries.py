@@ -1,0 +1,308 @@
+"""Every SQL statement of the outbox, by name, with all that differs between dialects.
+
+Statements are built from bound parameters where they are run often, and those are
+built once per :class:`Statements` and reused: building one afresh costs more than
+running it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import Connection, Dialect
+
+from .schema import Tables
+from .values import DEAD, DELIVERED, PENDING
+
+
+def insert_if_absent(
+    conn: Connection, table: sa.Table, values: Mapping[str, Any], key: Sequence[str]
+) -> None:
+    """Insert ``values`` unless a row with the same ``key`` exists; never an error."""
+    # ON CONFLICT DO NOTHING waits for a concurrent inserter of the same key and then
+    # yields to it, so racing enqueuers never see an error; elsewhere a SAVEPOINT
+    # keeps a unique violation from aborting the caller's transaction.
+    name = conn.dialect.name
+    if name == "postgresql":
+        conn.execute(
+            pg_dialect.insert(table).values(**values).on_conflict_do_nothing(index_elements=key)
+        )
+    elif name == "sqlite":
+        conn.execute(
+            sqlite_dialect.insert(table).values(**values).on_conflict_do_nothing(index_elements=key)
+        )
+    else:
+        try:
+            with conn.begin_nested():
+                conn.execute(table.insert().values(**values))
+        except sa_exc.IntegrityError:
+            pass
+
+
+def unleased(table: sa.Table, now: float | sa.BindParameter[Any]) -> sa.ColumnElement[bool]:
+    """No lease on the row, or its lease has run out."""
+    return sa.or_(table.c.lease_until.is_(None), table.c.lease_until <= now)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The statements of one kind of claim (see :meth:`Outbox._lease`).
+
+    ``pick`` selects the ``key`` of up to ``limit`` due rows at ``now``; ``lease``
+    leases the ``chosen`` keys to ``owner`` until ``until``, setting each further
+    column ``c`` to the parameter ``v_c``; ``read`` reads them back where the dialect
+    has no UPDATE ... RETURNING.
+    """
+
+    key: sa.Column[Any]
+    pick: sa.Select[Any]
+    lease: sa.Update
+    read: sa.Select[Any] | None
+
+
+class Statements:
+    """The statements on one set of tables, for the engine's dialect."""
+
+    def __init__(self, tables: Tables, dialect: Dialect) -> None:
+        self.tables = tables
+        self.dialect = dialect
+        self._lease_ends: dict[tuple[str, ...], sa.Update] = {}
+
+    # --- bindings and events written ----------------------------------------------
+
+    def bound_token(self, identity: str) -> sa.Select[Any]:
+        b = self.tables.bindings
+        return sa.select(b.c.token).where(b.c.identity == identity)
+
+    def event_id(self, values: Mapping[str, Any]) -> sa.Select[Any]:
+        """The id of the event stored under the key of ``values``."""
+        e = self.tables.events
+        return sa.select(e.c.id).where(
+            e.c.token == values["token"],
+            e.c.event == values["event"],
+            e.c.server_event_id == values["server_event_id"],
+        )
+
+    # --- claiming -----------------------------------------------------------------
+
+    @cached_property
+    def waits_for_older(self) -> sa.Exists:
+        """True for an event while an earlier event of its token is still pending.
+
+        One token's events go in the order they were written: a ``qualified`` sent
+        while its ``registered`` is undelivered would be refused with a 422.
+        """
+        e = self.tables.events
+        older = e.alias("older")
+        return (
+            sa.exists()
+            .where(older.c.token == e.c.token, older.c.state == PENDING, older.c.id < e.c.id)
+            .correlate(e)
+        )
+
+    @cached_property
+    def claim_events(self) -> Lease:
+        """Due events, oldest due first."""
+        return self._claim_events(by_id=False)
+
+    @cached_property
+    def claim_events_by_id(self) -> Lease:
+        """Due events among the ``ids``, oldest due first."""
+        return self._claim_events(by_id=True)
+
+    def _claim_events(self, *, by_id: bool) -> Lease:
+        e = self.tables.events
+        due = sa.and_(
+            e.c.state == PENDING,
+            e.c.next_attempt_at <= sa.bindparam("now"),
+            unleased(e, sa.bindparam("now")),
+            ~self.waits_for_older,
+        )
+        if by_id:
+            due = sa.and_(due, e.c.id.in_(sa.bindparam("ids", expanding=True)))
+        return self._lease(e.c.id, due, (e.c.next_attempt_at, e.c.id), ("last_attempt_at",))
+
+    @cached_property
+    def claim_credits(self) -> Lease:
+        """Unannounced credits, oldest due first."""
+        c = self.tables.credits
+        due = sa.and_(
+            c.c.notified_at.is_(None),
+            c.c.next_attempt_at <= sa.bindparam("now"),
+            unleased(c, sa.bindparam("now")),
+        )
+        return self._lease(c.c.identity, due, (c.c.next_attempt_at, c.c.created_at, c.c.identity))
+
+    def _lease(
+        self,
+        key: sa.Column[Any],
+        due: sa.ColumnElement[bool],
+        order: Sequence[sa.Column[Any]],
+        values: Sequence[str] = (),
+    ) -> Lease:
+        table = key.table
+        assert isinstance(table, sa.Table)
+        pick = self.locking(sa.select(key).where(due).order_by(*order).limit(sa.bindparam("limit")))
+        chosen = key.in_(sa.bindparam("chosen", expanding=True))
+        # On SQLite the chosen rows are still due: BEGIN IMMEDIATE has held the write
+        # lock since the SELECT. Matched by key alone, they are found by primary key;
+        # with ``due`` SQLite walks the whole due range of the index.
+        lease = (
+            sa.update(table)
+            .where(chosen, due if self.dialect.name != "sqlite" else sa.true())
+            .values(
+                lease_owner=sa.bindparam("owner"),
+                lease_until=sa.bindparam("until"),
+                # Leased rows move out of the due range of the index, so the next
+                # claim does not wade through what is in flight.
+                next_attempt_at=sa.bindparam("until"),
+                attempts=table.c.attempts + 1,
+                **{column: sa.bindparam(f"v_{column}") for column in values},
+            )
+        )
+        read: sa.Select[Any] | None = None
+        if self.dialect.update_returning:
+            lease = lease.returning(*table.c)
+        else:
+            read = sa.select(table).where(chosen, table.c.lease_owner == sa.bindparam("owner"))
+        return Lease(key, pick, lease, read)
+
+    def locking(self, query: sa.Select[Any]) -> sa.Select[Any]:
+        """``query``, locking the rows it picks where the dialect has row locks."""
+        name = self.dialect.name
+        if name == "postgresql":
+            # Concurrent claimers pass over each other's rows instead of queueing.
+            return query.with_for_update(skip_locked=True)
+        if name == "sqlite":
+            # No row locks in SQLite; BEGIN IMMEDIATE already serialises writers.
+            return query
+        return query.with_for_update()
+
+    # --- settling -----------------------------------------------------------------
+
+    def settle_pick(self, ids: Sequence[int]) -> sa.Select[Any]:
+        """The events ``ids`` with their lease, held until the commit."""
+        e = self.tables.events
+        # Found by primary key alone: given "state = 'pending'" too, SQLite reads
+        # every pending event through the due index, and settling grows with the
+        # backlog. Held under SQLite's write lock, or row locks elsewhere, until
+        # the commit: the leases found held here are still held when the updates
+        # run. The row locks wait, as an UPDATE would (skipping a row locked for a
+        # moment by a claimer's pick would refuse a live lease's answer), in id
+        # order (two settles never deadlock), and NO KEY on PostgreSQL (a portal's
+        # foreign key to the events table locks rows KEY SHARE).
+        pick = sa.select(e.c.id, e.c.identity, e.c.token, e.c.lease_owner, e.c.state).where(
+            e.c.id.in_(ids)
+        )
+        if self.dialect.name != "sqlite":
+            pick = pick.order_by(e.c.id).with_for_update(
+                key_share=self.dialect.name == "postgresql"
+            )
+        return pick
+
+    def lease_end(self, columns: tuple[str, ...]) -> sa.Update:
+        """Set ``columns`` (parameters ``v_<column>``) on the pending event ``k_id``
+        leased to ``k_owner``, and end its lease."""
+        statement = self._lease_ends.get(columns)
+        if statement is None:
+            # Built once per set of columns and reused with new parameters: building
+            # and caching a statement afresh costs more than executing it.
+            e = self.tables.events
+            statement = (
+                sa.update(e)
+                .where(
+                    e.c.id == sa.bindparam("k_id"),
+                    e.c.lease_owner == sa.bindparam("k_owner"),
+                    e.c.state == PENDING,
+                )
+                .values(
+                    {
+                        **{name: sa.bindparam(f"v_{name}") for name in columns},
+                        "lease_owner": None,
+                        "lease_until": None,
+                    }
+                )
+            )
+            self._lease_ends[columns] = statement
+        return statement
+
+    def requeue(self, ids: Sequence[int] | None, now: float) -> sa.Update:
+        """Make due at ``now`` every dead event, or those of ``ids`` that are dead or
+        pending without a live lease; a dead one starts over at zero attempts."""
+        e = self.tables.events
+        if ids is None:
+            which: sa.ColumnElement[bool] = e.c.state == DEAD
+        else:
+            which = sa.and_(
+                e.c.id.in_(ids),
+                sa.or_(e.c.state == DEAD, sa.and_(e.c.state == PENDING, unleased(e, now))),
+            )
+        return (
+            sa.update(e)
+            .where(which)
+            .values(
+                state=PENDING,
+                next_attempt_at=now,
+                lease_owner=None,
+                lease_until=None,
+                attempts=sa.case((e.c.state == DEAD, 0), else_=e.c.attempts),
+            )
+        )
+
+    def purge(self, before: float) -> sa.Delete:
+        e = self.tables.events
+        return sa.delete(e).where(e.c.state == DELIVERED, e.c.delivered_at < before)
+
+    # --- reading ------------------------------------------------------------------
+
+    def next_event_due(self) -> sa.Select[Any]:
+        e = self.tables.events
+        return sa.select(sa.func.min(e.c.next_attempt_at)).where(
+            e.c.state == PENDING, ~self.waits_for_older
+        )
+
+    def next_credit_due(self) -> sa.Select[Any]:
+        c = self.tables.credits
+        return sa.select(sa.func.min(c.c.next_attempt_at)).where(c.c.notified_at.is_(None))
+
+    def event_counts(self, now: float) -> sa.Select[Any]:
+        """Per state: how many, how many leased at ``now``, and the oldest's creation."""
+        e = self.tables.events
+        return sa.select(
+            e.c.state,
+            sa.func.count(),
+            sa.func.sum(sa.case((e.c.lease_until > now, 1), else_=0)),
+            sa.func.min(e.c.created_at),
+        ).group_by(e.c.state)
+
+    def credits_unnotified(self) -> sa.Select[Any]:
+        c = self.tables.credits
+        return sa.select(sa.func.count()).select_from(c).where(c.c.notified_at.is_(None))
+
+    def list_events(self, state: str | None, limit: int, offset: int) -> sa.Select[Any]:
+        e = self.tables.events
+        query = sa.select(e).order_by(e.c.id.desc()).limit(limit).offset(offset)
+        return query if state is None else query.where(e.c.state == state)
+
+    def event(self, event_id: int) -> sa.Select[Any]:
+        e = self.tables.events
+        return sa.select(e).where(e.c.id == event_id)
+
+    # --- credits ------------------------------------------------------------------
+
+    def end_credit_lease(self, identity: str, owner: str, **values: Any) -> sa.Update:
+        """Set ``values`` on the unannounced credit of ``identity`` if ``owner`` holds
+        its lease, and end the lease."""
+        c = self.tables.credits
+        return (
+            sa.update(c)
+            .where(c.c.identity == identity, c.c.lease_owner == owner, c.c.notified_at.is_(None))
+            .values(lease_owner=None, lease_until=None, **values)
+        )

@@ -1,0 +1,155 @@
+"""The outbox's three tables under a prefix, the one check of that prefix, and their
+creation and removal."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Final
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, Engine
+
+from .engine import transaction
+from .values import (
+    EVENT_MAX,
+    IDENTITY_MAX,
+    OUTCOME_MAX,
+    OWNER_MAX,
+    REASON_MAX,
+    SERVER_EVENT_ID_MAX,
+    TOKEN_MAX,
+    OutboxError,
+)
+
+_PREFIX: Final = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]{0,39})?", re.ASCII)
+
+
+def check_table_prefix(value: object) -> str:
+    """``value`` if it can prefix the outbox's table names, else ValueError saying why."""
+    if not isinstance(value, str) or not _PREFIX.fullmatch(value):
+        raise ValueError(
+            "table_prefix must be at most 40 letters, digits or underscores, not "
+            f"starting with a digit; got {value!r}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Tables:
+    """The events, first-touch bindings and credits of one portal (see :func:`make_tables`)."""
+
+    prefix: str
+    metadata: sa.MetaData
+    events: sa.Table
+    bindings: sa.Table
+    credits: sa.Table
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(table.name for table in self.metadata.sorted_tables)
+
+
+def make_tables(prefix: str) -> Tables:
+    """The tables ``<prefix>events``, ``<prefix>bindings`` and ``<prefix>credits``."""
+    p = check_table_prefix(prefix)
+    metadata = sa.MetaData()
+    # BIGINT on PostgreSQL; SQLite only auto-increments "INTEGER PRIMARY KEY".
+    big_id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+    events = sa.Table(
+        f"{p}events",
+        metadata,
+        sa.Column("id", big_id, primary_key=True, autoincrement=True),
+        sa.Column("event", sa.String(EVENT_MAX), nullable=False),
+        sa.Column("token", sa.String(TOKEN_MAX), nullable=False),
+        sa.Column("identity", sa.String(IDENTITY_MAX), nullable=False),
+        sa.Column("server_event_id", sa.String(SERVER_EVENT_ID_MAX), nullable=False),
+        sa.Column("body", sa.LargeBinary, nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("created_at", sa.Double, nullable=False),
+        sa.Column("next_attempt_at", sa.Double, nullable=False),
+        sa.Column("last_attempt_at", sa.Double),
+        sa.Column("lease_owner", sa.String(OWNER_MAX)),
+        sa.Column("lease_until", sa.Double),
+        sa.Column("last_status", sa.Integer),
+        sa.Column("last_reason", sa.String(REASON_MAX)),
+        sa.Column("last_error", sa.Text),
+        sa.Column("response", sa.Text),
+        sa.Column("outcome", sa.String(OUTCOME_MAX)),
+        sa.Column("delivered_at", sa.Double),
+        sa.UniqueConstraint("token", "event", "server_event_id", name=f"{p}events_dedup"),
+        sa.CheckConstraint("state IN ('pending', 'delivered', 'dead')", name=f"{p}events_state"),
+        # Claiming walks this index from its start: with a large backlog it reads
+        # only the due rows it returns (leased rows sit at their lease expiry).
+        sa.Index(f"{p}events_due", "state", "next_attempt_at", "id"),
+        # "Waits for an older pending event of its token" (claim) looks a token's
+        # pending events up here; without it, SQLite walks every pending event for
+        # each candidate, and a claim grows with the backlog.
+        sa.Index(f"{p}events_token", "token", "state", "id"),
+        # Ids are shown to operators and kept in credits: never reuse one.
+        sqlite_autoincrement=True,
+    )
+    bindings = sa.Table(
+        f"{p}bindings",
+        metadata,
+        sa.Column("identity", sa.String(IDENTITY_MAX), primary_key=True),
+        sa.Column("token", sa.String(TOKEN_MAX), nullable=False),
+        sa.Column("bound_at", sa.Double, nullable=False),
+    )
+    credits = sa.Table(
+        f"{p}credits",
+        metadata,
+        sa.Column("identity", sa.String(IDENTITY_MAX), primary_key=True),
+        sa.Column("token", sa.String(TOKEN_MAX), nullable=False),
+        # No foreign key: a credit outlives any clean-up of delivered events.
+        sa.Column("event_id", sa.BigInteger, nullable=False),
+        sa.Column("outcome", sa.String(OUTCOME_MAX), nullable=False),
+        sa.Column("created_at", sa.Double, nullable=False),
+        sa.Column("notified_at", sa.Double),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("lease_owner", sa.String(OWNER_MAX)),
+        sa.Column("lease_until", sa.Double),
+        sa.Column("next_attempt_at", sa.Double, nullable=False),
+        sa.Index(f"{p}credits_due", "notified_at", "next_attempt_at"),
+    )
+    return Tables(p, metadata, events, bindings, credits)
+
+
+def create_all(engine: Engine, tables: Tables) -> None:
+    """Create the tables and indexes that do not exist yet.
+
+    Safe when several processes start at once: SQLite's ``BEGIN IMMEDIATE`` and a
+    PostgreSQL advisory lock make the check-then-create a critical section.
+    """
+    try:
+        with transaction(engine, tables=tables.names) as conn:
+            _lock_schema(conn, tables.prefix)
+            tables.metadata.create_all(conn, checkfirst=True)
+    except (sa_exc.DBAPIError, OutboxError):
+        # Elsewhere, a concurrent creator can win the race between check and
+        # create; that is success as long as the tables are there now.
+        if engine.dialect.name in ("sqlite", "postgresql") or not _exist(engine, tables):
+            raise
+
+
+def drop_all(engine: Engine, tables: Tables) -> None:
+    """Drop the tables and everything in them."""
+    with transaction(engine, tables=tables.names) as conn:
+        _lock_schema(conn, tables.prefix)
+        tables.metadata.drop_all(conn, checkfirst=True)
+
+
+def _lock_schema(conn: Connection, prefix: str) -> None:
+    if conn.dialect.name == "postgresql":
+        digest = hashlib.sha256(f"flask_mmolove:{prefix}".encode()).digest()
+        key = int.from_bytes(digest[:8], "big", signed=True)
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
+
+
+def _exist(engine: Engine, tables: Tables) -> bool:
+    with engine.connect() as conn:
+        inspector = sa.inspect(conn)
+        return all(inspector.has_table(name) for name in tables.names)
