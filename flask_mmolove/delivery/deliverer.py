@@ -1,4 +1,4 @@
-"""Getting events from the outbox to MMOLove: one pass, a background thread, a worker.
+"""One delivery run: claim due events, send them, judge and record every answer, signal.
 
 Every verdict on an answer comes from :func:`flask_mmolove.protocol.classify`; this
 module only carries it out: record it in the outbox, then tell the portal by signal.
@@ -10,24 +10,23 @@ import dataclasses
 import logging
 import math
 import os
-import queue
 import random
-import threading
 import time
 import uuid
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
 from flask import Flask
 
-from .client import ReferralClient, SendResult, TransportError
-from .outbox import Credit, Ending, Outbox, OutboxEvent
-from .protocol import Action, Decision, Outcome, classify
-from .redaction import Redactor
-from .settings import Settings
-from .signals import referee_registered, referral_rejected, referrer_credited
+from ..client import ReferralClient, SendResult, TransportError
+from ..outbox import Credit, Ending, Outbox, OutboxEvent
+from ..protocol import Action, Decision, Outcome, classify
+from ..redaction import Redactor
+from ..settings import Settings
+from ..signals import referee_registered, referral_rejected, referrer_credited
+from . import process
+from ._senders import Answer, Senders
 
 logger = logging.getLogger("flask_mmolove")
 
@@ -88,10 +87,6 @@ def backoff_delay(
     return delay
 
 
-#: What a send gave: MMOLove's answer, or no answer and why (a transport error).
-_Answer = tuple[SendResult | None, str | None]
-
-
 @dataclass(frozen=True)
 class _Verdict:
     """An answer judged: how its event ends, which ``PassReport`` count it adds to,
@@ -106,86 +101,9 @@ def _nothing() -> None:
     pass
 
 
-class _Senders:
-    """Sends claimed events, up to ``concurrency`` at a time, for one delivery run.
-
-    Threads are started as work arrives and end with the run (:meth:`close`); with a
-    concurrency of one, events are sent in the caller's thread by :meth:`collect`.
-    Every submitted event gets exactly one answer, None when ``should_stop()`` was
-    true before it was sent.
-    """
-
-    def __init__(
-        self,
-        send: Callable[[OutboxEvent], _Answer],
-        concurrency: int,
-        should_stop: Callable[[], bool],
-    ) -> None:
-        self._send = send
-        self._concurrency = concurrency
-        self._should_stop = should_stop
-        self._jobs: queue.SimpleQueue[OutboxEvent | None] = queue.SimpleQueue()
-        # Answers in, and how many collect() waits for: a waiting caller is woken
-        # once per chunk, not once per answer.
-        self._answers: list[tuple[OutboxEvent, _Answer | None]] = []
-        self._wanted = 1
-        self._answered = threading.Condition(threading.Lock())
-        self._threads: list[threading.Thread] = []
-        # Submitted and not answered yet, with threads; to send here, without.
-        self._queued = 0
-        self._unsent: list[OutboxEvent] = []
-
-    def submit(self, events: Sequence[OutboxEvent]) -> None:
-        if self._concurrency <= 1:
-            self._unsent.extend(events)
-            return
-        for event in events:
-            self._jobs.put(event)
-        self._queued += len(events)
-        # Only a BaseException (the interpreter going down) ends a thread early.
-        self._threads = [thread for thread in self._threads if thread.is_alive()]
-        while len(self._threads) < min(self._concurrency, self._queued):
-            thread = threading.Thread(target=self._work, name="mmolove-send", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def _answer(self, event: OutboxEvent) -> tuple[OutboxEvent, _Answer | None]:
-        try:
-            stopping = self._should_stop()
-        except Exception:
-            logger.exception("should_stop raised: taken as stop, event %d not sent", event.id)
-            stopping = True
-        return event, None if stopping else self._send(event)
-
-    def _work(self) -> None:
-        while (event := self._jobs.get()) is not None:
-            # Whatever happens, the event is answered: collect() waits for every one.
-            answer: tuple[OutboxEvent, _Answer | None] = (event, None)
-            try:
-                answer = self._answer(event)
-            finally:
-                with self._answered:
-                    self._answers.append(answer)
-                    if len(self._answers) >= self._wanted:
-                        self._answered.notify()
-
-    def collect(self, at_least: int) -> list[tuple[OutboxEvent, _Answer | None]]:
-        """Wait for ``at_least`` answers (or all still due); return every answer in."""
-        if self._concurrency <= 1:
-            answers = [self._answer(event) for event in self._unsent]
-            self._unsent.clear()
-            return answers
-        with self._answered:
-            self._wanted = max(1, min(at_least, self._queued))
-            self._answered.wait_for(lambda: len(self._answers) >= self._wanted)
-            answers, self._answers = self._answers, []
-        self._queued -= len(answers)
-        return answers
-
-    def close(self) -> None:
-        """Let the threads end once they are idle (a hung send ends when it times out)."""
-        for _ in self._threads:
-            self._jobs.put(None)
+def _new_owner() -> str:
+    """A lease owner no other process, nor an earlier one, can share."""
+    return f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class Deliverer:
@@ -208,9 +126,9 @@ class Deliverer:
         self.settings = settings
         self.clock = clock
         self.jitter = jitter
-        self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = _new_owner()
         self._scrub = Redactor(settings.secret)
-        _deliverers.add(self)
+        process.renew_after_fork(self)
 
     def after_fork(self) -> None:
         """In a forked child: a new lease owner and no inherited connections.
@@ -220,7 +138,7 @@ class Deliverer:
         parent's pooled keep-alive sockets to MMOLove and to the database are left to
         the parent (not closed: that would end them for the parent too).
         """
-        self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = _new_owner()
         self.outbox.engine.dispose(close=False)
         old = self.client
         self.client = ReferralClient(
@@ -275,7 +193,7 @@ class Deliverer:
     ) -> PassReport:
         settings = self.settings
         total = PassReport()
-        senders = _Senders(self._send, settings.concurrency, should_stop)
+        senders = Senders(self._send, settings.concurrency, should_stop)
         try:
             while True:
                 report = PassReport()
@@ -296,7 +214,7 @@ class Deliverer:
             senders.close()
 
     def _record(
-        self, answers: Sequence[tuple[OutboxEvent, _Answer | None]], report: PassReport
+        self, answers: Sequence[tuple[OutboxEvent, Answer | None]], report: PassReport
     ) -> None:
         """Record answers in one transaction, then log and signal what was recorded.
 
@@ -314,7 +232,7 @@ class Deliverer:
             setattr(report, verdict.count, getattr(report, verdict.count) + 1)
             verdict.tell()
 
-    def _send(self, event: OutboxEvent) -> _Answer:
+    def _send(self, event: OutboxEvent) -> Answer:
         try:
             return self.client.send_body(event.body), None
         except TransportError as exc:
@@ -326,7 +244,7 @@ class Deliverer:
             logger.exception("event %d: sending failed unexpectedly", event.id)
             return None, f"{type(exc).__name__}: {exc}"
 
-    def _judge(self, event: OutboxEvent, answer: _Answer | None) -> _Verdict:
+    def _judge(self, event: OutboxEvent, answer: Answer | None) -> _Verdict:
         """What MMOLove's answer (or its absence) means for ``event``, decided before
         anything is recorded; ``tell`` logs it and signals it once it is."""
         if answer is None:
@@ -470,139 +388,3 @@ class Deliverer:
                 signal.send(self.app, **kwargs)  # type: ignore[attr-defined]
         except Exception:
             logger.exception("a flask_mmolove signal receiver raised")
-
-
-_deliverers: weakref.WeakSet[Deliverer] = weakref.WeakSet()
-_live: weakref.WeakSet[BackgroundDelivery] = weakref.WeakSet()
-
-
-def _reinit_after_fork() -> None:
-    for deliverer in list(_deliverers):
-        deliverer.after_fork()
-    for background in list(_live):
-        background.after_fork()
-
-
-os.register_at_fork(after_in_child=_reinit_after_fork)
-
-
-class BackgroundDelivery:
-    """A daemon thread per process that delivers while the portal serves requests.
-
-    Started lazily, woken right after an enqueue, restarted in a forked child (a
-    gunicorn worker forked from a ``--preload`` master), and drained for at most
-    ``MMOLOVE_DRAIN_TIMEOUT`` seconds when the process exits.
-    """
-
-    def __init__(self, deliverer: Deliverer) -> None:
-        self.deliverer = deliverer
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._stop_at: float | None = None
-        #: Set when the thread starts, cleared when its loop returns: a plain attribute,
-        #: because the request hook reads it on every request (``running`` asks the
-        #: thread, which costs a lock).
-        self.started = False
-        _live.add(self)
-
-    def after_fork(self) -> None:
-        # The parent's thread does not exist here and its lock may have been held at
-        # the fork: start from fresh ones, never from inherited state.
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._thread = None
-        self._stop_at = None
-        self.started = False
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _past_drain_bound(self) -> bool:
-        stop_at = self._stop_at
-        return stop_at is not None and time.monotonic() >= stop_at
-
-    def ensure_running(self) -> None:
-        if self.running:
-            return
-        with self._lock:
-            if self.running:
-                return
-            self._stop_at = None
-            self._thread = threading.Thread(target=self._run, name="mmolove-delivery", daemon=True)
-            self.started = True
-            self._thread.start()
-
-    def wake(self) -> None:
-        self.ensure_running()
-        self._wake.set()
-
-    def stop(self, drain: float = 0.0) -> None:
-        """Stop after delivering what is due, for at most ``drain`` seconds."""
-        thread = self._thread
-        if thread is None or not thread.is_alive():
-            return
-        self._stop_at = time.monotonic() + drain
-        self._wake.set()
-        thread.join(timeout=drain + 1.0)
-        self.deliverer.close()
-
-    def _run(self) -> None:
-        try:
-            self._loop()
-        finally:
-            self.started = False
-
-    def _loop(self) -> None:
-        settings = self.deliverer.settings
-        while True:
-            self._wake.clear()
-            try:
-                report = self.deliverer.drain(should_stop=self._past_drain_bound)
-            except Exception:
-                logger.exception("delivery pass failed; the events stay in the outbox")
-                report = PassReport()
-            stop_at = self._stop_at
-            if stop_at is not None and (report.settled_undelivered or time.monotonic() >= stop_at):
-                # Draining: stop once nothing due remains deliverable, or at the bound.
-                return
-            timeout = settings.poll_interval
-            try:
-                due = self.deliverer.outbox.next_due_at()
-            except Exception:
-                due = None
-            if due is not None:
-                timeout = min(timeout, max(0.0, due - self.deliverer.clock()))
-            if stop_at is not None:
-                timeout = min(timeout, max(0.0, stop_at - time.monotonic()))
-            self._wake.wait(timeout)
-
-
-def run_worker(
-    deliverer: Deliverer,
-    *,
-    burst: bool = False,
-    should_stop: Callable[[], bool] = lambda: False,
-    on_pass: Callable[[PassReport], None] | None = None,
-) -> PassReport:
-    """The ``flask mmolove worker`` loop: deliver until stopped (or, in burst, until idle)."""
-    total = PassReport()
-    settings = deliverer.settings
-    while not should_stop():
-        report = deliverer.drain(should_stop=should_stop, on_pass=on_pass)
-        total += report
-        if burst:
-            # Burst ends at the first pass that finds nothing due.
-            if report.claimed == 0:
-                break
-            continue
-        due = deliverer.outbox.next_due_at()
-        timeout = settings.poll_interval
-        if due is not None:
-            timeout = min(timeout, max(0.0, due - deliverer.clock()))
-        deadline = time.monotonic() + timeout
-        while not should_stop() and time.monotonic() < deadline:
-            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-    deliverer.close()
-    return total
