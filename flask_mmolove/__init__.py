@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .client import ReferralClient, SendResult, TransportError
 from .extension import MMOLove
 from .protocol import (
@@ -21,7 +20,7 @@ from .protocol import (
     sign_referral_body,
     verify_signature,
 )
-from .registration import referral_registered, set_referee
+from .referrals import referral_registered, set_referee
 from .settings import ConfigurationError
 from .signals import player_qualified, referee_registered, referral_rejected, referrer_credited
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from flask import Request, Response, current_app, g, request, session
 from flask.sessions import SecureCookieSessionInterface
@@ -24,8 +24,9 @@ MAX_TOKEN_LENGTH: Final = 512
 # nothing that could break out of a header, a cookie or an HTML attribute.
 _TOKEN: Final = re.compile(rf"[A-Za-z0-9._~+/=:-]{{1,{MAX_TOKEN_LENGTH}}}", re.ASCII)
 
-_SET: Final = "set"
-_CLEAR: Final = "clear"
+#: What to do with our cookie on the response.
+SET: Final = "set"
+CLEAR: Final = "clear"
 
 
 def valid_token(value: object) -> str | None:
@@ -66,20 +67,20 @@ def _session_may_hold_token(cookie_header: str) -> bool:
     return interface.get_cookie_name(app) in cookie_header
 
 
-def capture(settings: CaptureSettings, ctx_g: Any, req: Request) -> bool:
-    """Put the pending token in ``g.mmref`` (the hook has set it to None).
+def capture(settings: CaptureSettings, req: Request) -> tuple[str, bool] | None:
+    """The pending token, kept in the session, and whether our cookie must be set.
 
-    Returns True when the response must set our cookie. The request hook calls it only
-    for a request with a query string or cookies: with neither there is no token
-    anywhere, not even in the session (which lives in a cookie too). It runs on most
-    requests of a portal, so it reads the raw environ and resolves the session proxy
-    at most once.
+    None when there is no valid token. The request hook calls it only for a request
+    with a query string or cookies: with neither there is no token anywhere. It runs on
+    most requests of a portal, so it reads the raw environ and resolves the session
+    proxy at most once.
     """
     environ = req.environ
     query = environ.get("QUERY_STRING")
     cookie_header = environ.get("HTTP_COOKIE")
     pending = None
     sess = None
+    set_cookie = False
     if cookie_header:
         if _session_may_hold_token(cookie_header):
             sess = session._get_current_object()  # type: ignore[attr-defined]
@@ -101,43 +102,48 @@ def capture(settings: CaptureSettings, ctx_g: Any, req: Request) -> bool:
             _ignored("query string", raw_query)
         elif pending is None or (fresh != pending and not settings.first_touch):
             pending = fresh
-            ctx_g._mmolove_cookie = _SET
+            set_cookie = True
         elif fresh != pending:
             logger.debug("kept the first pending mmref; a later one arrived (first touch)")
         elif settings.cookie_name not in req.cookies:
-            ctx_g._mmolove_cookie = _SET
+            set_cookie = True
     if pending is None:
-        return False
+        return None
     if sess is None:
         sess = session._get_current_object()  # type: ignore[attr-defined]
     if sess.get(settings.session_key) != pending:
         sess[settings.session_key] = pending
-    ctx_g.mmref = pending
-    return "_mmolove_cookie" in ctx_g
+    return pending, set_cookie
 
 
 def forget(settings: CaptureSettings) -> None:
-    """Drop the pending token: it is bound to an account now."""
+    """Drop the pending token from the session and ``g``: it is bound to an account now."""
     session.pop(settings.session_key, None)
     g.mmref = None
-    g._mmolove_cookie = _CLEAR
 
 
-def write_cookie(settings: CaptureSettings, response: Response) -> None:
-    """Set or clear our first-party cookie, as ``capture``/``forget`` decided."""
-    action = g.pop("_mmolove_cookie", None)
-    if action == _SET and g.mmref is not None:
+def keep(settings: CaptureSettings, token: str) -> None:
+    """Make ``token`` pending again (after :func:`forget`, in a request that failed)."""
+    session[settings.session_key] = token
+    g.mmref = token
+
+
+def write_cookie(
+    settings: CaptureSettings, response: Response, action: str, token: str | None
+) -> None:
+    """Set our first-party cookie to ``token`` (``SET``), or clear it (``CLEAR``)."""
+    if action == SET and token is not None:
         secure = request.is_secure if settings.cookie_secure is None else settings.cookie_secure
         response.set_cookie(
             settings.cookie_name,
-            g.mmref,
+            token,
             max_age=settings.cookie_max_age,
             secure=secure,
             httponly=True,
             samesite="Lax",
             domain=settings.cookie_domain,
         )
-    elif action == _CLEAR and settings.cookie_name in request.cookies:
+    elif action == CLEAR and settings.cookie_name in request.cookies:
         response.delete_cookie(
             settings.cookie_name,
             domain=settings.cookie_domain,

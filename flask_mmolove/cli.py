@@ -10,10 +10,9 @@ from types import FrameType
 import click
 from flask.cli import with_appcontext
 
-from .delivery import Deliverer, PassReport, run_worker
-from .extension import _active_state, _get_state, _State, dispatch_events
-from .outbox import Outbox
+from .delivery import PassReport, run_worker
 from .protocol import build_body, classify
+from .state import Delivery, MMOLoveState, get_state
 
 #: A dry run needs a token-shaped value; whether MMOLove looks it up is not documented.
 PING_TOKEN = "flask-mmolove-ping"  # noqa: S105 - not a secret
@@ -24,11 +23,11 @@ def mmolove_group() -> None:
     """MMOLove referral delivery: worker, status, retry, ping, sandbox."""
 
 
-def _require_active() -> tuple[_State, Outbox, Deliverer]:
-    active = _active_state()
-    if active is None:
+def _require_active() -> tuple[MMOLoveState, Delivery]:
+    state = get_state()
+    if state.delivery is None:
         raise click.ClickException("MMOLOVE_ENABLED is false for this app: nothing to do.")
-    return active
+    return state, state.delivery
 
 
 @mmolove_group.command("worker")
@@ -36,7 +35,7 @@ def _require_active() -> tuple[_State, Outbox, Deliverer]:
 @with_appcontext
 def worker_command(burst: bool) -> None:
     """Deliver events from the outbox until stopped (SIGTERM or Ctrl-C finish the pass)."""
-    _, _, deliverer = _require_active()
+    deliverer = _require_active()[1].deliverer
     stopping = False
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -62,7 +61,8 @@ def worker_command(burst: bool) -> None:
 @with_appcontext
 def status_command() -> None:
     """Counts by state, the oldest pending event's age, and the dead letters."""
-    state, outbox, _ = _require_active()
+    state, delivery = _require_active()
+    outbox = delivery.outbox
     stats = outbox.stats()
     age = "-" if stats.oldest_pending_age is None else f"{stats.oldest_pending_age:.0f} s"
     click.echo(f"endpoint:   {state.settings.endpoint}")
@@ -95,19 +95,19 @@ def retry_command(ids: tuple[int, ...], everything: bool) -> None:
     """Requeue dead letters (or events waiting on backoff) to be sent now."""
     if not ids and not everything:
         raise click.UsageError("name the event ids to requeue, or pass --all for every dead letter")
-    state, outbox, _ = _require_active()
-    requeued = outbox.requeue(list(ids) if ids else None)
+    state, delivery = _require_active()
+    requeued = delivery.outbox.requeue(list(ids) if ids else None)
     click.echo(f"requeued {requeued} event(s)")
     if requeued:
-        dispatch_events(state, list(ids) if ids else None)
+        state.dispatch(list(ids) if ids else None)
 
 
 @mmolove_group.command("ping")
 @with_appcontext
 def ping_command() -> None:
     """Send a signed dry run: checks the endpoint, server id, secret and clock."""
-    state, _, deliverer = _require_active()
-    client = deliverer.client
+    state, delivery = _require_active()
+    client = delivery.deliverer.client
     now = int(time.time())
     body = build_body(
         "registered",
@@ -151,7 +151,7 @@ def sandbox_command(ctx: click.Context) -> None:
     """
     from .sandbox.command import main
 
-    settings = _get_state().settings
+    settings = get_state().settings
     args = list(ctx.args)
     if "--server-id" not in args and settings.server_id:
         args += ["--server-id", settings.server_id]

@@ -12,7 +12,7 @@ import requests
 from requests.structures import CaseInsensitiveDict
 from requests.utils import check_header_validity
 
-from . import __version__
+from ._version import __version__
 from .protocol import (
     DEFAULT_ENDPOINT,
     SIGNATURE_HEADER,

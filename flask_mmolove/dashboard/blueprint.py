@@ -25,9 +25,9 @@ from flask import (
 )
 from werkzeug.wrappers import Response
 
-from ..extension import _get_state, _State, dispatch_events
 from ..outbox import DEAD, PENDING, STATES, Outbox, OutboxEvent, Stats
 from ..redaction import Redactor
+from ..state import MMOLoveState, get_state
 
 logger = logging.getLogger("flask_mmolove")
 
@@ -78,7 +78,7 @@ def _when(timestamp: float | None) -> str | None:
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _scrubber(state: _State) -> Callable[[str | None], str]:
+def _scrubber(state: MMOLoveState) -> Callable[[str | None], str]:
     redact = Redactor(state.settings.secret)
 
     def scrub(text: str | None) -> str:
@@ -209,8 +209,8 @@ def _harden(response: Response) -> Response:
 # --- views ----------------------------------------------------------------------------
 
 
-def _outbox() -> tuple[_State, Outbox]:
-    state = _get_state()
+def _outbox() -> tuple[MMOLoveState, Outbox]:
+    state = get_state()
     if state.outbox is None:
         abort(404)
     return state, state.outbox
@@ -221,7 +221,7 @@ def _filter(value: str | None) -> str | None:
 
 
 def index() -> str:
-    state = _get_state()
+    state = get_state()
     if state.outbox is None:
         return render_template("mmolove_dashboard/disabled.html")
     outbox = state.outbox
@@ -279,7 +279,7 @@ def retry(event_id: int) -> Response:
         return _back()
     if outbox.requeue([event_id]):
         logger.info("dashboard: event %d requeued by an operator", event_id)
-        dispatch_events(state, [event_id])
+        state.dispatch([event_id])
         flash(f"Event #{event_id} is queued to be sent again.", "success")
     else:
         flash(f"Event #{event_id} changed meanwhile; nothing was requeued.", "error")
@@ -293,7 +293,7 @@ def retry_all() -> Response:
     count = outbox.requeue(dead) if dead else 0
     if count:
         logger.info("dashboard: %d dead letter(s) requeued by an operator", count)
-        dispatch_events(state, dead)
+        state.dispatch(dead)
     flash(f"{count} dead letter(s) queued to be sent again.", "success" if count else "error")
     return redirect(url_for(".index"), 303)
 

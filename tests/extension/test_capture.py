@@ -52,6 +52,21 @@ def test_no_token_no_cookie_no_session(client: Any) -> None:
     assert response.headers.getlist("Set-Cookie") == []
 
 
+def test_a_page_that_depends_on_no_cookie_stays_cacheable(client: Any) -> None:
+    # Cookies of the portal's own (analytics, consent) and no session cookie: the
+    # session is certainly empty, so looking for a token must not open it, which would
+    # add "Vary: Cookie" and make a shared cache keep one copy per visitor.
+    client.set_cookie("_ga", "GA1.2.3")
+    client.set_cookie("mmref", "not a token")
+    response = client.get("/page?sort=new")
+    assert response.request.headers.get("Cookie")
+    assert response.json == {"mmref": None}
+    assert "Cookie" not in response.vary
+    # With a session cookie the session is opened, and rightly varies.
+    client.get("/page?mmref=tok1")
+    assert "Cookie" in client.get("/page").vary
+
+
 def test_token_survives_session_clear_through_the_cookie(client: Any, app: Flask) -> None:
     client.get("/page?mmref=tok-first")
     with client.session_transaction() as sess:

@@ -17,7 +17,7 @@ from portal import build_portal
 
 import flask_mmolove
 from flask_mmolove.capture import MAX_TOKEN_LENGTH, valid_token
-from flask_mmolove.extension import normalize_identity
+from flask_mmolove.referrals import normalize_identity
 
 TOKEN_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~+/=:-"
 #: Values that could break out of a header, a cookie or an HTML attribute.

@@ -1,0 +1,175 @@
+"""One request's referral work, and the hooks that carry it from capture to commit.
+
+Per request, one :class:`RequestWork` holds what the extension must remember between
+the hooks and the view: the cookie to set or clear, the referee named by
+``set_referee()``, and the outbox writes waiting for the response. It lives in the
+request's WSGI environ, not in ``g``: an app context pushed around several requests
+(pytest-flask does that) shares one ``g`` between them. The pending token itself is the
+public ``g.mmref``.
+
+A request's writes happen when Flask has its final response (``request_finished``,
+after every ``after_request`` hook and the session save), and only if that response is
+a 2xx or 3xx: an event caused by a request that failed is never sent. Anywhere a
+response will not come (a CLI command, a job, a bare ``test_request_context``, or a
+context the test client keeps after its response), a write happens at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Final
+
+from flask import Flask, Response, g, has_request_context, request, request_finished
+
+from . import capture
+from .state import MMOLoveState, get_state
+
+logger = logging.getLogger("flask_mmolove")
+
+#: An outbox write: returns the id of the event it stored, or None.
+Write = Callable[[], "int | None"]
+
+_ENVIRON_KEY: Final = "flask_mmolove.request"
+
+
+class RequestWork:
+    """What the extension has to do for one request."""
+
+    __slots__ = ("cookie", "forgotten", "referee", "responding", "writes")
+
+    def __init__(self, *, responding: bool) -> None:
+        #: A response will come: writes wait for it (False in a bare request context).
+        self.responding = responding
+        #: ``capture.SET`` or ``capture.CLEAR`` our cookie on the response, or None.
+        self.cookie: str | None = None
+        #: The identity ``set_referee()`` named, for ``@referral_registered``.
+        self.referee: object = None
+        #: Writes waiting for the response, each with what to do if it succeeds.
+        self.writes: list[tuple[Write, Callable[[], None] | None]] = []
+        #: The token let go when its account was bound, until the response is final.
+        self.forgotten: str | None = None
+
+
+def current_work() -> RequestWork | None:
+    """The current request's work, or None outside a request."""
+    if not has_request_context():
+        return None
+    work: RequestWork | None = request.environ.get(_ENVIRON_KEY)
+    if work is None:
+        # A request context no hook ran in (test_request_context): nothing will answer it.
+        work = request.environ[_ENVIRON_KEY] = RequestWork(responding=False)
+    return work
+
+
+def write(state: MMOLoveState, write: Write, *, then: Callable[[], None] | None = None) -> None:
+    """Run an outbox write with the request's successful response, or now.
+
+    ``then`` (forgetting the token) runs once the write is known to go ahead, early
+    enough to reach the session and the cookie.
+    """
+    work = current_work()
+    if work is not None and work.responding:
+        work.writes.append((write, then))
+        return
+    event_id = write()
+    if then is not None:
+        then()
+    state.dispatch([] if event_id is None else [event_id])
+
+
+def forget_token(state: MMOLoveState) -> None:
+    """The pending token is bound to an account now: drop it, and our cookie."""
+    work = current_work()
+    if work is not None:
+        work.forgotten = g.get("mmref")
+        work.cookie = capture.CLEAR
+    capture.forget(state.settings.capture)
+
+
+def install(app: Flask, state: MMOLoveState) -> None:
+    """Connect the request hooks of ``app``: once, in ``init_app``."""
+    settings = state.settings.capture
+    background = state.background
+
+    def before_request() -> None:
+        work = request.environ[_ENVIRON_KEY] = RequestWork(responding=True)
+        g.mmref = None
+        # With neither a query string nor cookies there is no token anywhere, not even
+        # in the session (which lives in a cookie too).
+        environ = request.environ
+        if environ.get("QUERY_STRING") or environ.get("HTTP_COOKIE"):
+            found = capture.capture(settings, request)
+            if found is not None:
+                g.mmref, set_cookie = found
+                if set_cookie:
+                    work.cookie = capture.SET
+        if background is not None:
+            background.ensure_running()
+
+    def after_request(response: Response) -> Response:
+        work: RequestWork | None = request.environ.get(_ENVIRON_KEY)
+        if work is None:
+            return response
+        failed = response.status_code >= 400
+        if work.writes and failed:
+            _discard(work, response.status_code)
+        elif work.writes:
+            for _, then in work.writes:
+                if then is not None:
+                    then()
+        if failed and work.forgotten is not None:
+            # Flask runs these hooks again, on its error response, when a later hook
+            # raises: the token is forgotten only with a success, so the player who
+            # saw an error tries again with it still pending.
+            capture.keep(settings, work.forgotten)
+            work.forgotten = work.cookie = None
+        if work.cookie is not None:
+            capture.write_cookie(settings, response, work.cookie, g.get("mmref"))
+        return response
+
+    app.before_request(before_request)
+    app.after_request(after_request)
+    request_finished.connect(_finished, app)
+
+
+def _finished(sender: Flask, response: Response, **extra: object) -> None:
+    """Write a request's events, now that its response is final."""
+    work: RequestWork | None = request.environ.get(_ENVIRON_KEY)
+    if work is None:
+        return
+    # Over: a write made from now on, in a context the test client or the debugger
+    # keeps, happens at once instead of waiting for a response that has gone.
+    work.responding = False
+    if not work.writes:
+        return
+    if response.status_code >= 400:
+        # The view succeeded, then a later after_request hook or the session save
+        # failed and Flask answered with an error instead.
+        _discard(work, response.status_code)
+        return
+    writes, work.writes = work.writes, []
+    state = get_state(sender)
+    ids = []
+    for write_event, _ in writes:
+        try:
+            event_id = write_event()
+        except Exception:
+            # The portal's own work is done and answered; failing the request now
+            # would tell the player it was not. Say loudly what was lost.
+            logger.exception(
+                "could not write a referral event to the outbox at %s; the event is lost "
+                "unless the request's work is repeated",
+                state.outbox,
+            )
+            continue
+        if event_id is not None:
+            ids.append(event_id)
+    state.dispatch(ids)
+
+
+def _discard(work: RequestWork, status: int) -> None:
+    logger.info(
+        "discarded %d referral event(s): the request failed with %d", len(work.writes), status
+    )
+    work.writes = []

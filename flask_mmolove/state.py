@@ -1,0 +1,154 @@
+"""The extension's state for one app: what it holds, how it is built, how it is found.
+
+It lives in ``app.extensions["mmolove"]``. Everything that works on an app's behalf (the
+request hooks, the referral writes, the CLI, the operator view) reaches it through
+:func:`get_state`, never through the :class:`~flask_mmolove.MMOLove` object, so none of
+them imports the extension.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from flask import Flask, current_app
+from sqlalchemy import Engine
+from sqlalchemy import exc as sa_exc
+
+from .client import ReferralClient
+from .delivery import BackgroundDelivery, Deliverer
+from .outbox import Outbox, make_engine
+from .settings import ConfigurationError, Settings
+
+logger = logging.getLogger("flask_mmolove")
+
+#: The key of the state in ``app.extensions``.
+EXTENSION_KEY = "mmolove"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """The outbox and the means to empty it, present while ``MMOLOVE_ENABLED`` is true."""
+
+    outbox: Outbox
+    deliverer: Deliverer
+    #: The per-process thread, in ``thread`` delivery mode only.
+    background: BackgroundDelivery | None
+
+
+@dataclass(frozen=True)
+class MMOLoveState:
+    """Everything the extension keeps for one app."""
+
+    settings: Settings
+    #: None when ``MMOLOVE_ENABLED`` is false: capture still runs, nothing is recorded.
+    delivery: Delivery | None
+
+    def __repr__(self) -> str:
+        return f"<flask_mmolove state delivery={self.settings.delivery!r}>"
+
+    @property
+    def outbox(self) -> Outbox | None:
+        return None if self.delivery is None else self.delivery.outbox
+
+    @property
+    def deliverer(self) -> Deliverer | None:
+        return None if self.delivery is None else self.delivery.deliverer
+
+    @property
+    def background(self) -> BackgroundDelivery | None:
+        return None if self.delivery is None else self.delivery.background
+
+    def active(self) -> Delivery | None:
+        """The delivery side, or None (logged at DEBUG) when the extension is disabled."""
+        if self.delivery is None:
+            logger.debug("MMOLOVE_ENABLED is false: no referral event is recorded")
+        return self.delivery
+
+    def dispatch(self, event_ids: Sequence[int] | None) -> None:
+        """Get freshly written (or requeued) events moving, as the delivery mode says.
+
+        The one place that knows what each mode does after a write: the request side,
+        the CLI's ``retry`` and the operator view's retry all come here. ``None``:
+        whatever is due now.
+        """
+        if self.delivery is None or (event_ids is not None and not event_ids):
+            return
+        if self.settings.delivery == "thread" and self.delivery.background is not None:
+            self.delivery.background.wake()
+        elif self.settings.delivery == "inline":
+            try:
+                self.delivery.deliverer.run_once(ids=None if event_ids is None else list(event_ids))
+            except Exception:
+                # The events are safe in the outbox, where `flask mmolove worker` (or
+                # `worker --burst` from cron) retries them.
+                logger.exception("inline delivery failed; the events stay in the outbox")
+
+
+def get_state(app: Flask | None = None) -> MMOLoveState:
+    """The state of ``app`` (default: the current app), or an error that says what to do."""
+    if app is None:
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+    try:
+        state: MMOLoveState = app.extensions[EXTENSION_KEY]
+    except KeyError:
+        raise RuntimeError(
+            "flask_mmolove is not set up on this app: create `mmolove = MMOLove()` and call "
+            "`mmolove.init_app(app)` in your app factory before handling requests."
+        ) from None
+    return state
+
+
+def build_state(
+    app: Flask,
+    settings: Settings,
+    *,
+    clock: Callable[[], float] = time.time,
+    jitter: Callable[[], float] = random.random,
+) -> MMOLoveState:
+    """The state for ``settings``: the outbox (its tables created), client and deliverer."""
+    if not settings.enabled:
+        return MMOLoveState(settings, None)
+    engine = _engine(settings.database_uri)
+    try:
+        outbox = Outbox(engine, table_prefix=settings.table_prefix, clock=clock)
+    except ValueError as exc:
+        engine.dispose()
+        raise ConfigurationError(f"MMOLOVE_TABLE_PREFIX: {exc}") from None
+    outbox.create_all()
+    # A --preload master must hand its workers no open connection. (An in-memory SQLite
+    # database lives in its one connection: keep that.)
+    if not _in_memory(engine):
+        engine.dispose()
+    client = ReferralClient(
+        settings.server_id,
+        settings.secret,
+        settings.endpoint,
+        timeout=settings.timeout,
+        key_id=settings.key_id,
+    )
+    deliverer = Deliverer(app, outbox, client, settings, clock=clock, jitter=jitter)
+    background = BackgroundDelivery(deliverer) if settings.delivery == "thread" else None
+    return MMOLoveState(settings, Delivery(outbox, deliverer, background))
+
+
+def _engine(uri: str) -> Engine:
+    """The outbox engine for ``MMOLOVE_DATABASE_URI``, or an error naming the key."""
+    try:
+        return make_engine(uri)
+    except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ValueError) as exc:
+        # Not the URI itself in the message: it may hold a database password.
+        raise ConfigurationError(
+            "MMOLOVE_DATABASE_URI is not a usable SQLAlchemy URL "
+            f"(dialect+driver://user:password@host/database): {exc}"
+        ) from None
+
+
+def _in_memory(engine: Engine) -> bool:
+    url = engine.url
+    return url.get_backend_name() == "sqlite" and (
+        url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+    )
