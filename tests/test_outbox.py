@@ -34,6 +34,7 @@ from flask_mmolove.outbox import (
     OutboxError,
     make_engine,
 )
+from flask_mmolove.outbox import queries as outbox_queries
 
 PG_URL = os.environ.get("MMOLOVE_TEST_POSTGRES_URL", "").strip()
 REQUIRE_ALL = os.environ.get("MMOLOVE_REQUIRE_ALL_TESTS") == "1"
@@ -319,6 +320,120 @@ def test_concurrent_first_touch_has_one_winner(outbox: Outbox) -> None:
     assert len(winners) == 1
     assert [event_id for _, event_id in results].count(None) == 5
     assert _count(outbox, outbox.events) == 1
+
+
+# --- writing in the caller's transaction ----------------------------------------------
+
+
+def _register_on(
+    box: Outbox, conn: sa.Connection, token: str, identity: str = "p1"
+) -> tuple[str, int | None]:
+    return box.bind_and_enqueue(
+        identity=identity,
+        token=token,
+        event="registered",
+        server_event_id=f"reg-{identity}",
+        body=b'{"token":"%s"}' % token.encode(),
+        connection=conn,
+    )
+
+
+def _qualify_on(box: Outbox, conn: sa.Connection, *, identity: str = "p1") -> int:
+    return box.enqueue(
+        event="qualified",
+        token="tok",
+        identity=identity,
+        server_event_id=f"qual-{identity}",
+        body=b"{}",
+        connection=conn,
+    )
+
+
+def test_writes_on_a_handed_connection_go_with_its_rollback(
+    outbox: Outbox, engine: sa.Engine
+) -> None:
+    with engine.connect() as conn:
+        transaction = conn.begin()
+        bound, event_id = _register_on(outbox, conn, "tok")
+        assert bound == "tok"
+        assert event_id is not None
+        assert _qualify_on(outbox, conn) != event_id
+        # The caller's transaction sees what it wrote; nobody else does before it ends.
+        assert outbox.token_for("p1", connection=conn) == "tok"
+        assert outbox.token_for("p1") is None
+        assert outbox.get(event_id) is None
+        transaction.rollback()
+    assert outbox.token_for("p1") is None
+    assert (_count(outbox, outbox.events), _count(outbox, outbox.bindings)) == (0, 0)
+    assert outbox.claim("w", limit=5, lease=30) == []
+
+
+def test_writes_on_a_handed_connection_are_stored_when_it_commits(
+    outbox: Outbox, engine: sa.Engine
+) -> None:
+    with engine.connect() as conn, conn.begin():
+        bound, registered = _register_on(outbox, conn, "tok")
+        assert registered is not None
+        # Idempotent within the caller's transaction, and first touch still wins.
+        assert _register_on(outbox, conn, "tok") == (bound, registered)
+        assert _register_on(outbox, conn, "other") == ("tok", None)
+        qualified = _qualify_on(outbox, conn)
+        assert _qualify_on(outbox, conn) == qualified
+        assert outbox.get(registered) is None
+    assert outbox.token_for("p1") == "tok"
+    # And across transactions: the same key finds the rows the first one committed.
+    with engine.connect() as conn, conn.begin():
+        assert _register_on(outbox, conn, "tok") == ("tok", registered)
+        assert _qualify_on(outbox, conn) == qualified
+    assert (_count(outbox, outbox.events), _count(outbox, outbox.bindings)) == (2, 1)
+    [claimed] = outbox.claim("w", limit=5, lease=30)
+    assert (claimed.id, claimed.body) == (registered, b'{"token":"tok"}')
+    assert _accept(outbox, registered, "w")
+    assert [e.id for e in outbox.claim("w", limit=5, lease=30)] == [qualified]
+
+
+def test_handed_connections_racing_on_one_key_store_it_once(
+    outbox: Outbox, engine: sa.Engine
+) -> None:
+    # The second writer waits for the first transaction (its write lock on SQLite, the
+    # conflicting insert on PostgreSQL), then finds the event the first one committed.
+    results: list[tuple[str, int | None]] = []
+    errors: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            with engine.connect() as conn, conn.begin():
+                results.append(_register_on(outbox, conn, "late"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    with engine.connect() as conn, conn.begin():
+        first = _register_on(outbox, conn, "tok")
+        racer = threading.Thread(target=second)
+        racer.start()
+        racer.join(0.3)
+        assert racer.is_alive(), "the second writer did not wait for the first"
+    racer.join(10)
+    assert errors == []
+    assert results == [("tok", None)]
+    assert first[1] is not None
+    assert _count(outbox, outbox.events) == 1
+
+
+def test_without_on_conflict_a_duplicate_leaves_the_callers_transaction_usable(
+    outbox: Outbox, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Dialects without ON CONFLICT insert in a SAVEPOINT; on PostgreSQL a unique
+    # violation outside one would abort the caller's whole transaction.
+    monkeypatch.setattr(outbox_queries, "_ON_CONFLICT", frozenset())
+    with engine.connect() as conn, conn.begin():
+        bound, registered = _register_on(outbox, conn, "tok")
+        assert _register_on(outbox, conn, "tok") == (bound, registered)
+        qualified = _qualify_on(outbox, conn)
+        assert _qualify_on(outbox, conn) == qualified
+        # The caller's own statements still run in its transaction, which commits.
+        assert conn.execute(sa.select(sa.func.count()).select_from(outbox.events)).scalar() == 2
+    assert (_count(outbox, outbox.events), _count(outbox, outbox.bindings)) == (2, 1)
 
 
 # --- claiming and leases ------------------------------------------------------------
@@ -830,7 +945,7 @@ def test_claim_and_settle_never_read_every_waiting_event(tmp_path: Path) -> None
     # Their cost must not grow with the backlog (benchmark 4). On SQLite that shows in
     # the query plans: each table access finds its rows by primary key, or by an index
     # range that holds no more than the rows asked for. "state = ?" alone on the due
-    # index reads every pending event (x3.7 per event at 100,000 waiting).
+    # index reads every pending event, so the cost would grow with the backlog.
     outbox = Outbox(make_engine(f"sqlite:///{tmp_path / 'outbox.sqlite3'}"))
     outbox.create_all()
     for n in range(60):

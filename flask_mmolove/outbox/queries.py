@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -21,29 +21,33 @@ from sqlalchemy.engine import Connection, Dialect
 from .schema import Tables
 from .values import DEAD, DELIVERED, PENDING
 
+# The dialects whose INSERT has ON CONFLICT DO NOTHING.
+_ON_CONFLICT: Final = frozenset({"postgresql", "sqlite"})
+
 
 def insert_if_absent(
     conn: Connection, table: sa.Table, values: Mapping[str, Any], key: Sequence[str]
 ) -> None:
-    """Insert ``values`` unless a row with the same ``key`` exists; never an error."""
+    """Insert ``values`` unless a row with the same ``key`` exists; never an error, and
+    never one that aborts the transaction ``conn`` is in."""
     # ON CONFLICT DO NOTHING waits for a concurrent inserter of the same key and then
     # yields to it, so racing enqueuers never see an error; elsewhere a SAVEPOINT
     # keeps a unique violation from aborting the caller's transaction.
     name = conn.dialect.name
-    if name == "postgresql":
-        conn.execute(
-            pg_dialect.insert(table).values(**values).on_conflict_do_nothing(index_elements=key)
-        )
-    elif name == "sqlite":
-        conn.execute(
-            sqlite_dialect.insert(table).values(**values).on_conflict_do_nothing(index_elements=key)
-        )
-    else:
+    if name not in _ON_CONFLICT:
         try:
             with conn.begin_nested():
                 conn.execute(table.insert().values(**values))
         except sa_exc.IntegrityError:
             pass
+    elif name == "postgresql":
+        conn.execute(
+            pg_dialect.insert(table).values(**values).on_conflict_do_nothing(index_elements=key)
+        )
+    else:
+        conn.execute(
+            sqlite_dialect.insert(table).values(**values).on_conflict_do_nothing(index_elements=key)
+        )
 
 
 def unleased(table: sa.Table, now: float | sa.BindParameter[Any]) -> sa.ColumnElement[bool]:
