@@ -1,4 +1,4 @@
-"""Fixtures: a portal on a live sandbox, signal recorders, PostgreSQL."""
+"""Fixtures of the extension tests: the shared portal in inline mode, signal recorders."""
 
 from __future__ import annotations
 
@@ -7,29 +7,18 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from portal import Recorder, portals, postgres_url
+from portal import Recorder
 
 
 @pytest.fixture
-def portal_config(mmolove_sandbox: Any, tmp_path: Any) -> dict[str, Any]:
-    return {
-        "MMOLOVE_SERVER_ID": mmolove_sandbox.server_id,
-        "MMOLOVE_REFERRAL_SECRET": mmolove_sandbox.secret,
-        "MMOLOVE_ENDPOINT": mmolove_sandbox.endpoint,
-        "MMOLOVE_DATABASE_URI": f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
-        "MMOLOVE_DELIVERY": "inline",
-        "MMOLOVE_RETRY_BASE": 0.05,
-        "MMOLOVE_RETRY_CAP": 0.2,
-        "MMOLOVE_POLL_INTERVAL": 0.2,
-        "MMOLOVE_DRAIN_TIMEOUT": 1.0,
-    }
+def portal_config(portal_config: dict[str, Any]) -> dict[str, Any]:
+    """tests/conftest.py's portal, in inline mode.
 
-
-@pytest.fixture
-def make_portal(portal_config: dict[str, Any]) -> Iterator[Callable[..., Flask]]:
-    """Builds portals on the sandbox; stops their delivery threads afterwards."""
-    with portals(portal_config) as factory:
-        yield factory
+    Inline: every event is delivered before the request returns, so a test asserts
+    what MMOLove received right after the request, with no thread to wait for. Tests
+    of the other modes ask for them through ``make_portal(MMOLOVE_DELIVERY=...)``.
+    """
+    return {**portal_config, "MMOLOVE_DELIVERY": "inline"}
 
 
 @pytest.fixture
@@ -43,8 +32,3 @@ def recorder(app: Flask) -> Iterator[Recorder]:
     rec = Recorder(app)
     yield rec
     rec.disconnect()
-
-
-@pytest.fixture
-def pg_uri() -> str:
-    return postgres_url()

@@ -16,6 +16,7 @@ from flask import Flask
 from flask_mmolove.outbox import Outbox, make_engine
 from flask_mmolove.protocol import build_body
 
+#: tests/, where these helpers and procapp.py (the portal run as a separate process) live.
 HERE = Path(__file__).resolve().parent
 #: (test name, figures) in the order measured; printed at the end of the run.
 FIGURES: list[tuple[str, dict[str, Any]]] = []
