@@ -6,7 +6,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 import requests
 from requests.structures import CaseInsensitiveDict
@@ -18,6 +17,7 @@ from .protocol import (
     SIGNATURE_HEADER,
     Outcome,
     build_body,
+    check_endpoint,
     outcome_of,
     parse_json_object,
     sign_referral_body,
@@ -55,15 +55,6 @@ class SendResult:
         return parse_json_object(self.body)
 
 
-def _check_endpoint(endpoint: str) -> str:
-    parts = urlsplit(endpoint) if isinstance(endpoint, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(
-            f"endpoint must be an http(s) URL such as {DEFAULT_ENDPOINT}, got {endpoint!r}"
-        )
-    return endpoint
-
-
 def _invalid_header_names(headers: Mapping[str, str | bytes]) -> list[str]:
     bad = []
     for name, value in headers.items():
@@ -99,7 +90,7 @@ class ReferralClient:
         if not isinstance(secret, str) or not secret:
             raise ValueError("secret is required: copy it from the Referrals tab")
         self.server_id = server_id.strip()
-        self.endpoint = _check_endpoint(endpoint)
+        self.endpoint = check_endpoint(endpoint)
         self.timeout = timeout
         self.key_id = key_id
         self._secret = secret

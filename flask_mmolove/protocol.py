@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 DEFAULT_ENDPOINT: Final = "https://mmolove.com/api/referral/events"
 SIGNATURE_HEADER: Final = "X-MMOLove-Signature"
@@ -150,10 +151,24 @@ def sign_referral_body(
         raise ValueError(f"t must be a positive whole number of unix seconds, got {t!r}")
     header = f"t={t},v1=sha256={_mac(secret, t, raw)}"
     if key_id is not None:
-        if not isinstance(key_id, str) or not KEY_ID_PATTERN.fullmatch(key_id):
-            raise ValueError("key_id must be 1-128 characters of A-Z a-z 0-9 . _ : -")
-        header += f",kid={key_id}"
+        header += f",kid={check_key_id(key_id)}"
     return header
+
+
+def check_key_id(value: object) -> str:
+    """``value`` if it can name a signing key in the header, else ValueError saying why."""
+    if not isinstance(value, str) or not KEY_ID_PATTERN.fullmatch(value):
+        raise ValueError("key_id must be 1-128 characters of A-Z a-z 0-9 . _ : -")
+    return value
+
+
+def check_endpoint(value: object) -> str:
+    """``value`` if it is an http(s) URL events can be posted to, else ValueError."""
+    if isinstance(value, str):
+        parts = urlsplit(value)
+        if parts.scheme in ("http", "https") and parts.netloc:
+            return value
+    raise ValueError(f"endpoint must be an http(s) URL such as {DEFAULT_ENDPOINT}, got {value!r}")
 
 
 @dataclass(frozen=True)

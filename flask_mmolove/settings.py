@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 from flask import Flask
 
 from .capture import CaptureSettings
-from .protocol import DEFAULT_ENDPOINT, KEY_ID_PATTERN
+from .outbox.schema import check_table_prefix
+from .protocol import DEFAULT_ENDPOINT, check_endpoint, check_key_id
 
 DELIVERY_MODES: Final = ("thread", "worker", "inline")
 _NINETY_DAYS: Final = 90 * 24 * 3600
@@ -126,6 +127,14 @@ def _text(config: dict[str, Any], key: str, env: str | None = None) -> str | Non
     return value.strip() or None
 
 
+def _checked(key: str, check: Callable[[Any], str], value: object) -> str:
+    """``check(value)``, its ValueError told as a ConfigurationError naming ``key``."""
+    try:
+        return check(value)
+    except ValueError as exc:
+        raise ConfigurationError(f"{key}: {exc}") from None
+
+
 def load_settings(app: Flask) -> Settings:
     """Set every default on ``app.config``, then read and check the whole set."""
     for key, default in DEFAULTS.items():
@@ -154,12 +163,11 @@ def load_settings(app: Flask) -> Settings:
             "MMOLOVE_ENABLED = False"
         )
 
-    endpoint = _text(config, "MMOLOVE_ENDPOINT", "MMOLOVE_ENDPOINT") or DEFAULT_ENDPOINT
-    parts = urlsplit(endpoint)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigurationError(
-            f"MMOLOVE_ENDPOINT must be an http(s) URL such as {DEFAULT_ENDPOINT}, got {endpoint!r}"
-        )
+    endpoint = _checked(
+        "MMOLOVE_ENDPOINT",
+        check_endpoint,
+        _text(config, "MMOLOVE_ENDPOINT", "MMOLOVE_ENDPOINT") or DEFAULT_ENDPOINT,
+    )
 
     delivery = config["MMOLOVE_DELIVERY"]
     if delivery not in DELIVERY_MODES:
@@ -170,17 +178,18 @@ def load_settings(app: Flask) -> Settings:
     database_uri = _text(config, "MMOLOVE_DATABASE_URI") or (
         "sqlite:///" + os.path.join(app.instance_path, "mmolove.sqlite3")
     )
-    table_prefix = config["MMOLOVE_TABLE_PREFIX"]
-    if not isinstance(table_prefix, str) or not table_prefix.replace("_", "").isalnum():
+    table_prefix = _checked(
+        "MMOLOVE_TABLE_PREFIX", check_table_prefix, config["MMOLOVE_TABLE_PREFIX"]
+    )
+    if not table_prefix.strip("_"):
+        # Bare "events", "bindings" and "credits" would be taken for the portal's own.
         raise ConfigurationError(
-            f"MMOLOVE_TABLE_PREFIX must be letters, digits and underscores, got {table_prefix!r}"
+            "MMOLOVE_TABLE_PREFIX must contain a letter or digit, such as 'mmolove_'"
         )
 
     key_id = _text(config, "MMOLOVE_KEY_ID")
-    if key_id is not None and not KEY_ID_PATTERN.fullmatch(key_id):
-        raise ConfigurationError(
-            "MMOLOVE_KEY_ID must be 1-128 characters of A-Z a-z 0-9 . _ : - (or None)"
-        )
+    if key_id is not None:
+        key_id = _checked("MMOLOVE_KEY_ID", check_key_id, key_id)
     cookie_max_age = _whole(config, "MMOLOVE_COOKIE_MAX_AGE")
     if cookie_max_age > _NINETY_DAYS:
         raise ConfigurationError(
