@@ -22,7 +22,11 @@ class Senders:
     Threads are started as work arrives and end with the run (:meth:`close`); with a
     concurrency of one, events are sent in the caller's thread by :meth:`collect`.
     Every submitted event gets exactly one answer, None when ``should_stop()`` was
-    true before it was sent.
+    true (or raised) before it was sent.
+
+    The threads are daemon threads, never a ``ThreadPoolExecutor``: the interpreter
+    joins an executor's threads at exit, so a send hanging on a silent MMOLove would
+    hold the process past its drain bound.
     """
 
     def __init__(
@@ -35,26 +39,26 @@ class Senders:
         self._concurrency = concurrency
         self._should_stop = should_stop
         self._jobs: queue.SimpleQueue[OutboxEvent | None] = queue.SimpleQueue()
-        # Answers in, and how many collect() waits for: a waiting caller is woken
-        # once per chunk, not once per answer.
+        # Answers in, and how many the submitted events will give: collect() is woken
+        # once, when the last one is in.
         self._answers: list[tuple[OutboxEvent, Answer | None]] = []
-        self._wanted = 1
+        self._expected = 0
         self._answered = threading.Condition(threading.Lock())
         self._threads: list[threading.Thread] = []
-        # Submitted and not answered yet, with threads; to send here, without.
-        self._queued = 0
+        # Without threads: submitted, to be sent here by collect().
         self._unsent: list[OutboxEvent] = []
 
     def submit(self, events: Sequence[OutboxEvent]) -> None:
         if self._concurrency <= 1:
             self._unsent.extend(events)
             return
+        with self._answered:
+            self._expected += len(events)
         for event in events:
             self._jobs.put(event)
-        self._queued += len(events)
         # Only a BaseException (the interpreter going down) ends a thread early.
         self._threads = [thread for thread in self._threads if thread.is_alive()]
-        while len(self._threads) < min(self._concurrency, self._queued):
+        while len(self._threads) < min(self._concurrency, len(events)):
             thread = threading.Thread(target=self._work, name="mmolove-send", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -76,20 +80,19 @@ class Senders:
             finally:
                 with self._answered:
                     self._answers.append(answer)
-                    if len(self._answers) >= self._wanted:
+                    if len(self._answers) >= self._expected:
                         self._answered.notify()
 
-    def collect(self, at_least: int) -> list[tuple[OutboxEvent, Answer | None]]:
-        """Wait for ``at_least`` answers (or all still due); return every answer in."""
+    def collect(self) -> list[tuple[OutboxEvent, Answer | None]]:
+        """Wait for the answers of every submitted event; return them."""
         if self._concurrency <= 1:
             answers = [self._answer(event) for event in self._unsent]
             self._unsent.clear()
             return answers
         with self._answered:
-            self._wanted = max(1, min(at_least, self._queued))
-            self._answered.wait_for(lambda: len(self._answers) >= self._wanted)
+            self._answered.wait_for(lambda: len(self._answers) >= self._expected)
             answers, self._answers = self._answers, []
-        self._queued -= len(answers)
+            self._expected = 0
         return answers
 
     def close(self) -> None:

@@ -203,7 +203,7 @@ class Deliverer:
                 report.claimed = len(events)
                 if events:
                     senders.submit(events)
-                    self._record(senders.collect(len(events)), report)
+                    self._record(senders.collect(), report)
                 report.credited = self.notify_credits()
                 total += report
                 if on_pass is not None and report.claimed:
