@@ -67,6 +67,8 @@ def test_server_id_and_secret_fall_back_to_the_environment(
         ({"MMOLOVE_COOKIE_MAX_AGE": 91 * 24 * 3600}, "MMOLOVE_COOKIE_MAX_AGE"),
         ({"MMOLOVE_COOKIE_SECURE": "yes"}, "MMOLOVE_COOKIE_SECURE"),
         ({"MMOLOVE_TABLE_PREFIX": "drop table;"}, "MMOLOVE_TABLE_PREFIX"),
+        ({"MMOLOVE_TABLE_PREFIX": ""}, "MMOLOVE_TABLE_PREFIX"),
+        ({"MMOLOVE_TABLE_PREFIX": "__"}, "MMOLOVE_TABLE_PREFIX"),
         ({"MMOLOVE_KEY_ID": "has space"}, "MMOLOVE_KEY_ID"),
     ],
 )
