@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 
 from . import process
 from .deliverer import Deliverer, PassReport
-
-logger = logging.getLogger("flask_mmolove")
+from .loop import deliver_until
 
 
 class BackgroundDelivery:
@@ -26,10 +24,10 @@ class BackgroundDelivery:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop_at: float | None = None
-        #: Set when the thread starts, cleared when its loop returns: a plain attribute,
-        #: because the request hook reads it on every request (``running`` asks the
-        #: thread, which costs a lock).
-        self.started = False
+        #: True from the thread's start until its loop returns: a plain attribute, so
+        #: that :meth:`ensure_running`, called on every request, takes no lock while the
+        #: thread lives (``running`` asks the thread, which costs one).
+        self._looping = False
         process.renew_after_fork(self)
 
     def after_fork(self) -> None:
@@ -39,7 +37,7 @@ class BackgroundDelivery:
         self._wake = threading.Event()
         self._thread = None
         self._stop_at = None
-        self.started = False
+        self._looping = False
 
     @property
     def running(self) -> bool:
@@ -50,19 +48,16 @@ class BackgroundDelivery:
         """How long the drain at process exit may deliver: ``MMOLOVE_DRAIN_TIMEOUT``."""
         return self.deliverer.settings.drain_timeout
 
-    def _past_drain_bound(self) -> bool:
-        stop_at = self._stop_at
-        return stop_at is not None and time.monotonic() >= stop_at
-
     def ensure_running(self) -> None:
-        if self.running:
+        if self._looping:
             return
         with self._lock:
+            # A loop that just returned: its thread is ending, not to be doubled.
             if self.running:
                 return
             self._stop_at = None
             self._thread = threading.Thread(target=self._run, name="mmolove-delivery", daemon=True)
-            self.started = True
+            self._looping = True
             self._thread.start()
 
     def wake(self) -> None:
@@ -77,34 +72,24 @@ class BackgroundDelivery:
         self._stop_at = time.monotonic() + drain
         self._wake.set()
         thread.join(timeout=drain + 1.0)
-        self.deliverer.close()
+
+    def _past_drain_bound(self) -> bool:
+        stop_at = self._stop_at
+        return stop_at is not None and time.monotonic() >= stop_at
+
+    def _drained(self, report: PassReport) -> bool:
+        # Draining: stop once nothing due remains deliverable (or at the bound).
+        return self._stop_at is not None and report.settled_undelivered
 
     def _run(self) -> None:
         try:
-            self._loop()
+            deliver_until(
+                self.deliverer,
+                should_stop=self._past_drain_bound,
+                finished=self._drained,
+                wake=self._wake,
+                bound=lambda: self._stop_at,
+                survive_errors=True,
+            )
         finally:
-            self.started = False
-
-    def _loop(self) -> None:
-        settings = self.deliverer.settings
-        while True:
-            self._wake.clear()
-            try:
-                report = self.deliverer.drain(should_stop=self._past_drain_bound)
-            except Exception:
-                logger.exception("delivery pass failed; the events stay in the outbox")
-                report = PassReport()
-            stop_at = self._stop_at
-            if stop_at is not None and (report.settled_undelivered or time.monotonic() >= stop_at):
-                # Draining: stop once nothing due remains deliverable, or at the bound.
-                return
-            timeout = settings.poll_interval
-            try:
-                due = self.deliverer.outbox.next_due_at()
-            except Exception:
-                due = None
-            if due is not None:
-                timeout = min(timeout, max(0.0, due - self.deliverer.clock()))
-            if stop_at is not None:
-                timeout = min(timeout, max(0.0, stop_at - time.monotonic()))
-            self._wake.wait(timeout)
+            self._looping = False

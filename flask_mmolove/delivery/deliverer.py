@@ -149,9 +149,6 @@ class Deliverer:
             key_id=old.key_id,
         )
 
-    def close(self) -> None:
-        """Nothing to wait for: sends run on short-lived daemon threads (see run_once)."""
-
     def run_once(
         self,
         *,

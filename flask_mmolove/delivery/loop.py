@@ -1,11 +1,95 @@
-"""The ``flask mmolove worker`` loop."""
+"""The delivery loop: drain passes and, between them, a wait; the worker's and the
+background thread's one loop."""
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Callable
+from typing import Final
 
 from .deliverer import Deliverer, PassReport
+
+logger = logging.getLogger("flask_mmolove")
+
+#: How often a wait with no wake event asks ``should_stop()``: the worker's stop flag
+#: is set from a signal handler, which must not set an Event (its Condition's lock is
+#: not reentrant: a signal landing while the main thread holds it would deadlock).
+STOP_CHECK: Final = 0.2
+
+
+def _never(report: PassReport) -> bool:
+    return False
+
+
+def _unbounded() -> float | None:
+    return None
+
+
+def deliver_until(
+    deliverer: Deliverer,
+    *,
+    should_stop: Callable[[], bool],
+    finished: Callable[[PassReport], bool] = _never,
+    wait: bool = True,
+    wake: threading.Event | None = None,
+    bound: Callable[[], float | None] = _unbounded,
+    on_pass: Callable[[PassReport], None] | None = None,
+    survive_errors: bool = False,
+) -> PassReport:
+    """Drain passes until ``should_stop()``, or until ``finished(report)`` for a drain.
+
+    Between drains (unless ``wait`` is false) it waits until the earliest of: the next
+    event's due time, ``MMOLOVE_POLL_INTERVAL``, ``wake`` being set, ``should_stop()``,
+    and ``bound()`` (a ``time.monotonic()`` deadline, or None). A ``wake`` event must
+    also be set by whoever makes ``should_stop()`` true: the wait then asks it only
+    once. With ``survive_errors`` a failing pass (the database down) is logged and
+    the loop goes on; otherwise it raises.
+    """
+    total = PassReport()
+    while not should_stop():
+        if wake is not None:
+            wake.clear()
+        try:
+            report = deliverer.drain(should_stop=should_stop, on_pass=on_pass)
+        except Exception:
+            if not survive_errors:
+                raise
+            logger.exception("delivery pass failed; the events stay in the outbox")
+            report = PassReport()
+        total += report
+        if finished(report):
+            break
+        if wait:
+            _wait(_until(deliverer, bound(), survive_errors), should_stop, wake)
+    return total
+
+
+def _until(deliverer: Deliverer, bound: float | None, survive_errors: bool) -> float:
+    """When the wait ends at the latest, in ``time.monotonic()`` time."""
+    timeout = deliverer.settings.poll_interval
+    try:
+        due = deliverer.outbox.next_due_at()
+    except Exception:
+        if not survive_errors:
+            raise
+        due = None
+    if due is not None:
+        timeout = min(timeout, max(0.0, due - deliverer.clock()))
+    until = time.monotonic() + timeout
+    return until if bound is None else min(until, bound)
+
+
+def _wait(until: float, should_stop: Callable[[], bool], wake: threading.Event | None) -> None:
+    while not should_stop():
+        left = until - time.monotonic()
+        if left <= 0:
+            return
+        if wake is None:
+            time.sleep(min(STOP_CHECK, left))
+        elif wake.wait(left):
+            return
 
 
 def run_worker(
@@ -15,23 +99,17 @@ def run_worker(
     should_stop: Callable[[], bool] = lambda: False,
     on_pass: Callable[[PassReport], None] | None = None,
 ) -> PassReport:
-    """The ``flask mmolove worker`` loop: deliver until stopped (or, in burst, until idle)."""
-    total = PassReport()
-    settings = deliverer.settings
-    while not should_stop():
-        report = deliverer.drain(should_stop=should_stop, on_pass=on_pass)
-        total += report
-        if burst:
-            # Burst ends at the first pass that finds nothing due.
-            if report.claimed == 0:
-                break
-            continue
-        due = deliverer.outbox.next_due_at()
-        timeout = settings.poll_interval
-        if due is not None:
-            timeout = min(timeout, max(0.0, due - deliverer.clock()))
-        deadline = time.monotonic() + timeout
-        while not should_stop() and time.monotonic() < deadline:
-            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-    deliverer.close()
-    return total
+    """The ``flask mmolove worker`` loop: deliver until stopped (or, in burst, until idle).
+
+    Burst drains one after the other, no wait between, and ends at the first that
+    finds nothing due.
+    """
+    if burst:
+        return deliver_until(
+            deliverer,
+            should_stop=should_stop,
+            finished=lambda report: report.claimed == 0,
+            wait=False,
+            on_pass=on_pass,
+        )
+    return deliver_until(deliverer, should_stop=should_stop, on_pass=on_pass)
