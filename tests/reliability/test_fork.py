@@ -155,6 +155,45 @@ def test_a_fork_waits_until_no_sqlite_transaction_is_open(tmp_path: Path) -> Non
     outbox.dispose()
 
 
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def test_a_child_that_skips_dispose_gets_a_fresh_connection(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # make_engine asks a forked child to call engine.dispose(close=False); one that
+    # does not must still never talk through its parent's pooled connection (on
+    # PostgreSQL: the parent's server session, over the parent's socket). A TEMP
+    # table lives in one connection's session, so it tells whose session a query ran in.
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'pool.sqlite3'}"
+    else:
+        url = request.getfixturevalue("pg_uri")
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("CREATE TEMP TABLE parents_session (x INTEGER)")
+            conn.commit()
+            parents = conn.connection.dbapi_connection
+        # The connection is back in the pool, where the child finds it too.
+
+        def child() -> bool:
+            with engine.connect() as conn:
+                assert "parents_session" not in sa.inspect(conn).get_temp_table_names()
+                assert conn.connection.dbapi_connection is not parents
+                return conn.execute(sa.select(sa.literal(1))).scalar_one() == 1
+
+        assert fork_and_run(child) == 0
+        # The child neither used nor closed the parent's connection: still the same
+        # session, and it still works.
+        with engine.connect() as conn:
+            assert sa.inspect(conn).get_temp_table_names() == ["parents_session"]
+            assert conn.connection.dbapi_connection is parents
+            assert conn.execute(sa.select(sa.literal(1))).scalar_one() == 1
+    finally:
+        engine.dispose()
+
+
 LEASE = {"limit": 10, "lease": 30.0}
 
 
