@@ -105,7 +105,7 @@ class Outbox:
             body=body,
         )
         binding = {"identity": values["identity"], "token": values["token"]}
-        with self._writing(connection) as conn:
+        with self._transaction_on(connection) as conn:
             insert_if_absent(
                 conn, self.bindings, {**binding, "bound_at": self.clock()}, ("identity",)
             )
@@ -141,16 +141,14 @@ class Outbox:
             server_event_id=server_event_id,
             body=body,
         )
-        with self._writing(connection) as conn:
+        with self._transaction_on(connection) as conn:
             return self._enqueue(conn, values)
 
     def token_for(self, identity: str, *, connection: Connection | None = None) -> str | None:
         """The token ``identity`` is bound to (first touch), or None; with
         ``connection``, as the caller's transaction sees it."""
         identity = _text("identity", identity, IDENTITY_MAX)
-        with (
-            self._transaction(read_only=True) if connection is None else self._writing(connection)
-        ) as conn:
+        with self._transaction_on(connection, read_only=True) as conn:
             token = conn.execute(self._sql.bound_token(identity)).scalar_one_or_none()
         return None if token is None else str(token)
 
@@ -459,11 +457,13 @@ class Outbox:
         return transaction(self.engine, read_only=read_only, tables=self._tables.names)
 
     @contextmanager
-    def _writing(self, connection: Connection | None) -> Iterator[Connection]:
-        """``connection`` as it is, in the caller's transaction; without one, a write
-        transaction of our own."""
+    def _transaction_on(
+        self, connection: Connection | None, *, read_only: bool = False
+    ) -> Iterator[Connection]:
+        """``connection`` as it is, in whatever transaction the caller has it in;
+        without one, a transaction of our own."""
         if connection is None:
-            with self._transaction() as conn:
+            with self._transaction(read_only=read_only) as conn:
                 yield conn
         else:
             with explained(connection.engine, self._tables.names):
