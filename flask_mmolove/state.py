@@ -21,6 +21,7 @@ from sqlalchemy import exc as sa_exc
 from .client import ReferralClient
 from .delivery import BackgroundDelivery, Deliverer
 from .outbox import Outbox, make_engine
+from .outbox.engine import in_memory
 from .settings import ConfigurationError, Settings
 
 logger = logging.getLogger("flask_mmolove")
@@ -113,15 +114,11 @@ def build_state(
     if not settings.enabled:
         return MMOLoveState(settings, None)
     engine = _engine(settings.database_uri)
-    try:
-        outbox = Outbox(engine, table_prefix=settings.table_prefix, clock=clock)
-    except ValueError as exc:
-        engine.dispose()
-        raise ConfigurationError(f"MMOLOVE_TABLE_PREFIX: {exc}") from None
+    outbox = Outbox(engine, table_prefix=settings.table_prefix, clock=clock)
     outbox.create_all()
     # A --preload master must hand its workers no open connection. (An in-memory SQLite
     # database lives in its one connection: keep that.)
-    if not _in_memory(engine):
+    if not in_memory(engine.url):
         engine.dispose()
     client = ReferralClient(
         settings.server_id,
@@ -145,10 +142,3 @@ def _engine(uri: str) -> Engine:
             "MMOLOVE_DATABASE_URI is not a usable SQLAlchemy URL "
             f"(dialect+driver://user:password@host/database): {exc}"
         ) from None
-
-
-def _in_memory(engine: Engine) -> bool:
-    url = engine.url
-    return url.get_backend_name() == "sqlite" and (
-        url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
-    )

@@ -69,9 +69,16 @@ def make_engine(uri: str | URL) -> Engine:
     return engine
 
 
+def in_memory(url: URL) -> bool:
+    """Whether ``url`` is an in-memory SQLite database, which lives in its one connection."""
+    return url.get_backend_name() == "sqlite" and (
+        (url.database or "") in ("", ":memory:") or url.query.get("mode") == "memory"
+    )
+
+
 def _sqlite_engine(url: URL) -> Engine:
     database = url.database or ""
-    memory = database in ("", ":memory:") or url.query.get("mode") == "memory"
+    memory = in_memory(url)
     uri_mode = database.startswith("file:") or url.query.get("uri") == "true"
     if not memory and not uri_mode:
         Path(database).parent.mkdir(parents=True, exist_ok=True)
