@@ -24,10 +24,6 @@ class BackgroundDelivery:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop_at: float | None = None
-        #: True from the thread's start until its loop returns: a plain attribute, so
-        #: that :meth:`ensure_running`, called on every request, takes no lock while the
-        #: thread lives (``running`` asks the thread, which costs one).
-        self._looping = False
         process.renew_after_fork(self)
 
     def after_fork(self) -> None:
@@ -37,7 +33,6 @@ class BackgroundDelivery:
         self._wake = threading.Event()
         self._thread = None
         self._stop_at = None
-        self._looping = False
 
     @property
     def running(self) -> bool:
@@ -49,15 +44,14 @@ class BackgroundDelivery:
         return self.deliverer.settings.drain_timeout
 
     def ensure_running(self) -> None:
-        if self._looping:
+        """Start the thread unless it runs (the request hook calls this every time)."""
+        if self.running:
             return
         with self._lock:
-            # A loop that just returned: its thread is ending, not to be doubled.
             if self.running:
                 return
             self._stop_at = None
             self._thread = threading.Thread(target=self._run, name="mmolove-delivery", daemon=True)
-            self._looping = True
             self._thread.start()
 
     def wake(self) -> None:
@@ -82,14 +76,11 @@ class BackgroundDelivery:
         return self._stop_at is not None and report.settled_undelivered
 
     def _run(self) -> None:
-        try:
-            deliver_until(
-                self.deliverer,
-                should_stop=self._past_drain_bound,
-                finished=self._drained,
-                wake=self._wake,
-                bound=lambda: self._stop_at,
-                survive_errors=True,
-            )
-        finally:
-            self._looping = False
+        deliver_until(
+            self.deliverer,
+            should_stop=self._past_drain_bound,
+            finished=self._drained,
+            wake=self._wake,
+            bound=lambda: self._stop_at,
+            survive_errors=True,
+        )
