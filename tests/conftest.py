@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from portal import portals, postgres_url
+from portal import portals
+from support import postgres_url
 
 pytest_plugins = ["pytester"]
 

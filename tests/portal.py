@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import pytest
 from flask import Flask, abort, g, jsonify, redirect, request
 
 from flask_mmolove import (
@@ -121,13 +119,3 @@ def portals(base_config: dict[str, Any]) -> Iterator[Callable[..., Flask]]:
     finally:
         for ext, app in made:
             ext.shutdown(app)
-
-
-def postgres_url() -> str:
-    """The test PostgreSQL URL; skip without one, but fail in CI, where it must be set."""
-    url = os.environ.get("MMOLOVE_TEST_POSTGRES_URL", "").strip()
-    if not url:
-        if os.environ.get("MMOLOVE_REQUIRE_ALL_TESTS"):
-            pytest.fail("MMOLOVE_TEST_POSTGRES_URL must be set in CI")
-        pytest.skip("set MMOLOVE_TEST_POSTGRES_URL to run PostgreSQL tests")
-    return url

@@ -1,7 +1,9 @@
-"""Helpers every test suite here uses: a hand-moved clock and polling with a deadline."""
+"""Helpers every test suite here uses: a hand-moved clock, polling with a deadline, and
+the test PostgreSQL database."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,3 +38,13 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "i
         if time.monotonic() >= deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
+
+
+def postgres_url() -> str:
+    """The test PostgreSQL URL; skip without one, but fail in CI, where it must be set."""
+    url = os.environ.get("MMOLOVE_TEST_POSTGRES_URL", "").strip()
+    if not url:
+        if os.environ.get("MMOLOVE_REQUIRE_ALL_TESTS"):
+            pytest.fail("MMOLOVE_TEST_POSTGRES_URL must be set in CI")
+        pytest.skip("set MMOLOVE_TEST_POSTGRES_URL to run PostgreSQL tests")
+    return url
