@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check check-top check-dirs lint typecheck pytest bench screenshots clean
+.PHONY: demo test check lint typecheck pytest bench screenshots clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -29,26 +30,12 @@ pytest: $(STAMP)
 # The whole suite, slow tests and browser included: what CI runs (.ci/run).
 test: lint typecheck pytest
 
-# The day-to-day loop, in under a minute: ruff, mypy and the fast tests. Not run here:
-# the `slow` tests (each takes more than a few seconds: processes killed and forked,
-# outages, the benchmark smoke test) and the browser tests (a Chromium per module).
-# `make test` runs them all before a push.
-#
-# The fast tests run as two pytest processes at once, each printing when it ends: they
-# spend much of their time waiting on sockets, subprocesses and timers, so two of them
-# share two cores well. tests/*.py in one; the subdirectories in CHECK_DIRS in the
-# other (a new subdirectory runs in the first until it is listed).
-CHECK_DIRS := tests/extension tests/reliability
-CHECK_PYTEST := $(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
-
+# The day-to-day loop, in under a minute: ruff, the import layers, mypy and the fast
+# tests on two workers (pytest-xdist). Not run here: the `slow` tests (processes killed
+# and forked, outages, the benchmark smoke test) and the browser tests (a Chromium per
+# module). `make test` runs them all before a push.
 check: lint typecheck
-	@$(MAKE) --no-print-directory -j2 --output-sync=target check-top check-dirs
-
-check-top: $(STAMP)
-	$(CHECK_PYTEST) tests $(addprefix --ignore=,tests/browser $(CHECK_DIRS))
-
-check-dirs: $(STAMP)
-	$(CHECK_PYTEST) $(CHECK_DIRS)
+	$(BIN)/pytest -q -n 2 -m "not slow" --ignore=tests/browser $(PYTEST_ARGS)
 
 screenshots: $(STAMP)
 	MMOLOVE_SCREENSHOTS=1 $(BIN)/pytest -q tests/browser
