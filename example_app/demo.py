@@ -25,6 +25,7 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from flask_mmolove import ConfigurationError
 from flask_mmolove.sandbox import INGEST_PATH, SandboxState, create_sandbox_app, sandbox_state
+from flask_mmolove.state import get_state
 
 from .app import create_app
 from .extensions import db, mmolove
@@ -246,7 +247,7 @@ class DemoServer:
                 ("6. The operator view of deliveries (as admin):", f"{url}/mmolove/"),
             ]
         else:
-            endpoint = self.portal.extensions["mmolove"].settings.endpoint
+            endpoint = get_state(self.portal).settings.endpoint
             intro = [
                 f"{config['PORTAL_NAME']} is running at {url}/, reporting referrals to {endpoint}",
                 "",

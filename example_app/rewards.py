@@ -12,6 +12,8 @@ from sqlalchemy.exc import IntegrityError
 
 from flask_mmolove import Outcome, referrer_credited
 from flask_mmolove.sandbox import INGEST_PATH, TokenError, TokenMinter, derive_token_key
+from flask_mmolove.settings import Settings
+from flask_mmolove.state import get_state
 
 from .extensions import db
 from .models import Reward, User
@@ -19,8 +21,8 @@ from .models import Reward, User
 logger = logging.getLogger("example_app")
 
 
-def _settings() -> Any:
-    return current_app.extensions["mmolove"].settings
+def _settings() -> Settings:
+    return get_state().settings
 
 
 def share_link(code: str) -> str:
