@@ -1,4 +1,6 @@
-"""ReferralClient's configuration: what it refuses, and its defaults."""
+"""ReferralClient's configuration: what it refuses, its defaults, and a repr that never
+shows the secret.
+"""
 
 from __future__ import annotations
 
@@ -38,3 +40,17 @@ def test_client_defaults() -> None:
         assert json.loads(c.body("qualified", "tok", server_event_id="q", ts=1))["server_id"] == (
             "srv-1"
         )
+
+
+def test_client_repr_and_str_hide_the_secret() -> None:
+    secret = "whsec_SUPER_secret_value_123"
+    client = ReferralClient("srv-1", secret, "http://127.0.0.1:9/api/referral/events", key_id="k1")
+    try:
+        for text in (repr(client), str(client), f"{client}", f"{client!r}"):
+            assert secret not in text
+            assert "srv-1" in text
+        assert repr(client) == (
+            "<ReferralClient server_id='srv-1' endpoint='http://127.0.0.1:9/api/referral/events'>"
+        )
+    finally:
+        client.close()
