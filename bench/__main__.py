@@ -17,7 +17,9 @@ import time
 import traceback
 from pathlib import Path
 
-from . import core
+from . import ROOT
+from .report import environment, render_markdown
+from .results import SCHEMA_VERSION, Result
 
 BENCHMARKS = {
     "overhead": "bench.overhead",
@@ -26,7 +28,7 @@ BENCHMARKS = {
     "scaling": "bench.scaling",
     "profile": "bench.breakdown",
 }
-DEFAULT_OUT = core.ROOT / "bench" / "results"
+DEFAULT_OUT = ROOT / "bench" / "results"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,15 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     names = args.names or list(BENCHMARKS)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    env = core.environment()
-    results: list[core.Result] = []
+    env = environment()
+    results: list[Result] = []
     failed: list[str] = []
     started = time.monotonic()
     for name in names:
         print(f"== {name}{' (quick)' if args.quick else ''}", file=sys.stderr, flush=True)
         begun = time.monotonic()
         try:
-            result: core.Result = importlib.import_module(BENCHMARKS[name]).run(args.quick)
+            result: Result = importlib.import_module(BENCHMARKS[name]).run(args.quick)
         except Exception:
             traceback.print_exc()
             failed.append(name)
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"   {result.seconds:.0f} s", file=sys.stderr, flush=True)
     summary = {
-        "schema": core.SCHEMA_VERSION,
+        "schema": SCHEMA_VERSION,
         "environment": env,
         "quick": args.quick,
         "seconds": time.monotonic() - started,
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": [result.to_json() for result in results],
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    report = core.render_markdown(results, env, quick=args.quick)
+    report = render_markdown(results, env, quick=args.quick)
     (out / "report.md").write_text(report + "\n")
     print(report)
     print(f"results in {out} ({summary['seconds']:.0f} s)", file=sys.stderr)

@@ -36,9 +36,13 @@ from flask_mmolove.protocol import (
     sign_referral_body,
 )
 
-from . import core
+from .databases import sqlite_url
 from .events import fill, registered_events
 from .portals import guide_send_event
+from .results import Result
+from .sandbox import Sandbox, have_gunicorn
+from .stats import median
+from .timing import interleaved, per_call
 
 NAME = "profile"
 TITLE = "Where the time of one delivery goes"
@@ -82,16 +86,16 @@ def cpu_us(func: Callable[[], object], n: int) -> float:
 
 
 def wall_us(func: Callable[[], object], n: int) -> float:
-    return core.per_call(func, n) * 1e6
+    return per_call(func, n) * 1e6
 
 
-def run(quick: bool) -> core.Result:
+def run(quick: bool) -> Result:
     n = 100 if quick else 1000
     rounds = 2 if quick else 5
-    result = core.Result(NAME, TITLE, quick, params={"events": n, "rounds": rounds})
-    keep_alive = core.have_gunicorn()
+    result = Result(NAME, TITLE, quick, params={"events": n, "rounds": rounds})
+    keep_alive = have_gunicorn()
     with (
-        core.Sandbox(keep_alive=keep_alive) as sandbox,
+        Sandbox(keep_alive=keep_alive) as sandbox,
         tempfile.TemporaryDirectory(prefix="mmolove-bench-") as tmp,
     ):
         secret, server_id = sandbox.secret, sandbox.server_id
@@ -106,7 +110,7 @@ def run(quick: bool) -> core.Result:
             f"The parts of one delivery, µs per event (median of {rounds} rounds of {n})",
             ["part", "µs", "how it was timed"],
         )
-        build = core.median(
+        build = median(
             [
                 cpu_us(
                     lambda: build_body(
@@ -121,10 +125,10 @@ def run(quick: bool) -> core.Result:
                 for _ in range(rounds)
             ]
         )
-        sign = core.median(
+        sign = median(
             [cpu_us(lambda: sign_referral_body(secret, body), n * 10) for _ in range(rounds)]
         )
-        parse = core.median(
+        parse = median(
             [
                 cpu_us(lambda: (outcome_of(parse_json_object(answer)), classify(200)), n * 10)
                 for _ in range(rounds)
@@ -137,7 +141,7 @@ def run(quick: bool) -> core.Result:
         app = Flask("bench_profile")
         app.config.update(
             sandbox.portal_config(),
-            MMOLOVE_DATABASE_URI=core.sqlite_url(tmp, "profile.sqlite3"),
+            MMOLOVE_DATABASE_URI=sqlite_url(tmp, "profile.sqlite3"),
             MMOLOVE_DELIVERY="worker",
             MMOLOVE_CONCURRENCY=1,
         )
@@ -166,8 +170,8 @@ def run(quick: bool) -> core.Result:
                     credit=False,
                 )
             complete_us.append((time.perf_counter() - started) / len(claimed) * 1e6)
-        parts.add("claim (batches of 50)", core.median(claim_us), "wall, SQLite, per event")
-        parts.add("record the answer", core.median(complete_us), "wall, SQLite, one commit")
+        parts.add("claim (batches of 50)", median(claim_us), "wall, SQLite, per event")
+        parts.add("record the answer", median(complete_us), "wall, SQLite, one commit")
 
         # --- round trips to the sandbox -------------------------------------------
         guide = guide_send_event()
@@ -214,7 +218,7 @@ def run(quick: bool) -> core.Result:
                 raise RuntimeError("the sandbox refused an event")
 
         per_trip = max(10, n // 5)
-        trips = core.interleaved(
+        trips = interleaved(
             {
                 "bare": lambda: wall_us(bare_once, per_trip),
                 "guide": lambda: wall_us(guide_once, per_trip),
@@ -232,18 +236,18 @@ def run(quick: bool) -> core.Result:
             f"interleaved rounds of {per_trip}, one at a time)",
             ["client", "µs", "over the bare client"],
         )
-        bare = core.median(trips["bare"])
+        bare = median(trips["bare"])
         for key, label in (
             ("bare", "bare http.client, pre-signed, connection kept (a client's floor)"),
             ("guide", "the guide's mmolove_send_event (urllib)"),
             ("ours", "flask-mmolove's ReferralClient.send_body (requests)"),
         ):
-            value = core.median(trips[key])
+            value = median(trips[key])
             trip.add(label, value, value - bare)
             result.metric(f"trip.{key}_us", value)
         parts.add(
             "POST and answer (ReferralClient, sandbox at 0 ms)",
-            core.median(trips["ours"]),
+            median(trips["ours"]),
             "wall, includes the sandbox's work",
         )
 
@@ -257,7 +261,7 @@ def run(quick: bool) -> core.Result:
                 delivered += deliverer.run_once().delivered
             passes.append((time.perf_counter() - started) / delivered * 1e6)
             delivered_before += delivered
-        whole = core.median(passes)
+        whole = median(passes)
         parts.add("whole delivery (run_once, one send at a time)", whole, "wall, per event")
         profile = cProfile.Profile()
         profile.enable()
@@ -272,8 +276,8 @@ def run(quick: bool) -> core.Result:
             ("build", build),
             ("sign", sign),
             ("parse", parse),
-            ("claim", core.median(claim_us)),
-            ("complete", core.median(complete_us)),
+            ("claim", median(claim_us)),
+            ("complete", median(complete_us)),
             ("whole", whole),
         ):
             result.metric(f"part.{label}_us", value)

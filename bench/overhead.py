@@ -27,8 +27,13 @@ from werkzeug.test import EnvironBuilder
 from flask_mmolove import MMOLove
 from flask_mmolove.sandbox.tokens import TokenMinter
 
-from . import core
+from . import ROOT
+from .databases import sqlite_url
 from .portals import plain_portal, referral_portal
+from .processes import Child, children, free_port, pinned, python_env, wait_for_port, which
+from .results import Cell, Result, Table
+from .stats import median, median_interval, paired_ratios
+from .timing import interleaved
 
 NAME = "overhead"
 TITLE = "Request overhead"
@@ -107,7 +112,7 @@ def wsgi_loop(app: Flask, kind: Kind, n: int) -> Callable[[], float]:
     return run
 
 
-def in_process(result: core.Result, quick: bool, workdir: str) -> None:
+def in_process(result: Result, quick: bool, workdir: str) -> None:
     rounds, n = (3, 200) if quick else (31, 1000)
     plain = plain_portal()
     mmolove = MMOLove()
@@ -116,7 +121,7 @@ def in_process(result: core.Result, quick: bool, workdir: str) -> None:
             "MMOLOVE_SERVER_ID": "bench",
             "MMOLOVE_REFERRAL_SECRET": "bench-secret",
             "MMOLOVE_ENDPOINT": "http://127.0.0.1:9/api/referral/events",
-            "MMOLOVE_DATABASE_URI": core.sqlite_url(workdir, "overhead.sqlite3"),
+            "MMOLOVE_DATABASE_URI": sqlite_url(workdir, "overhead.sqlite3"),
         },
         mmolove,
     )
@@ -130,7 +135,7 @@ def in_process(result: core.Result, quick: bool, workdir: str) -> None:
         cases = {"plain": wsgi_loop(plain, kind, n), "ext": wsgi_loop(ext, kind, n)}
         for case in cases.values():  # warm-up: first requests, thread start, caches
             case()
-        samples = core.interleaved(cases, rounds)
+        samples = interleaved(cases, rounds)
         rows.append(_row(kind, samples["plain"], samples["ext"]))
     # An A/A control: the plain portal against a copy of itself. Its interval should
     # hold 1; when it does not, something other than noise (the order of the cases, the
@@ -139,7 +144,7 @@ def in_process(result: core.Result, quick: bool, workdir: str) -> None:
     cases = {"plain": wsgi_loop(plain, bare, n), "twin": wsgi_loop(plain_portal(), bare, n)}
     for case in cases.values():
         case()
-    samples = core.interleaved(cases, rounds)
+    samples = interleaved(cases, rounds)
     control = _row(Kind("control", CONTROL_LABEL, False, "/"), samples["plain"], samples["twin"])
     table.add(*_cells(control))
     _report(result, table, rows, "inprocess", "_us", "CPU time", control)
@@ -160,26 +165,26 @@ class Row:
 
 def _row(kind: Kind, base: list[float], cand: list[float], *, inverse: bool = False) -> Row:
     """A timed row from per-round samples; ``inverse`` for rates (cost = 1 / rate)."""
-    ratios = core.paired_ratios(base, cand) if inverse else core.paired_ratios(cand, base)
+    ratios = paired_ratios(base, cand) if inverse else paired_ratios(cand, base)
     return Row(
         kind,
-        core.median(base),
-        core.median(cand),
-        core.median(ratios),
-        core.median_interval(ratios),
+        median(base),
+        median(cand),
+        median(ratios),
+        median_interval(ratios),
     )
 
 
-def _cells(row: Row) -> list[core.Cell]:
-    cells: list[core.Cell] = [row.kind.label, row.base, row.cand, row.cand - row.base, row.ratio]
+def _cells(row: Row) -> list[Cell]:
+    cells: list[Cell] = [row.kind.label, row.base, row.cand, row.cand - row.base, row.ratio]
     if row.interval is not None:
         cells.append(f"[{row.interval[0]:.3f}, {row.interval[1]:.3f}]")
     return cells
 
 
 def _report(
-    result: core.Result,
-    table: core.Table,
+    result: Result,
+    table: Table,
     rows: list[Row],
     prefix: str,
     unit: str,
@@ -206,7 +211,7 @@ def _report(
 CONTROL_LABEL = "control: no token, the plain portal against a copy of itself"
 
 
-def _judge(result: core.Result, text: str, no_token: list[Row], control: Row | None) -> None:
+def _judge(result: Result, text: str, no_token: list[Row], control: Row | None) -> None:
     """The goal (every request without a token under 5%), from exact counts or from
     timed ratios with their 95% intervals.
 
@@ -257,15 +262,15 @@ def _count(valgrind: str, portal: str, workdir: str, n1: int, n2: int, keys: lis
         "-m",
         "bench.count_proc",
         portal,
-        core.sqlite_url(workdir, f"count-{portal}.sqlite3"),
+        sqlite_url(workdir, f"count-{portal}.sqlite3"),
         str(n1),
         str(n2),
         *keys,
     ]
     # A fixed hash seed: the same dict layouts, so the same instructions, run after run.
-    env = core.python_env(PYTHONHASHSEED="0")
+    env = python_env(PYTHONHASHSEED="0")
     process = subprocess.Popen(
-        args, cwd=core.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     return process, out
 
@@ -293,13 +298,13 @@ def _phases(process: Any, out: Path) -> dict[str, int]:
     return counts
 
 
-def instructions(result: core.Result, quick: bool, workdir: str) -> None:
+def instructions(result: Result, quick: bool, workdir: str) -> None:
     """Instructions per request, counted by callgrind in the same request loop.
 
     Unlike time, a count does not move with what else the machine (or its host) is
     doing: the same code gives the same figure, run after run.
     """
-    valgrind = core.which("valgrind")
+    valgrind = which("valgrind")
     if valgrind is None:
         result.notes.append("instruction counts skipped: valgrind is not installed")
         result.goal("in process, under 5% without a token (instructions)", None, "no valgrind")
@@ -341,7 +346,7 @@ def run_wrk(wrk: str, url: str, cookie: str, seconds: float) -> tuple[float, flo
     if cookie:
         args += ["-H", f"Cookie: {cookie}"]
     out = subprocess.run(
-        core.pinned([*args, url], 1), capture_output=True, text=True, check=True, timeout=120
+        pinned([*args, url], 1), capture_output=True, text=True, check=True, timeout=120
     ).stdout
     rps, p50 = _RPS.search(out), _P50.search(out)
     if rps is None or p50 is None:
@@ -353,10 +358,10 @@ def run_wrk(wrk: str, url: str, cookie: str, seconds: float) -> tuple[float, flo
     return float(rps.group(1)), float(p50.group(1)) * scale
 
 
-def gunicorn(portal: str, port: int, workdir: str) -> core.Child:
-    env = core.python_env(
+def gunicorn(portal: str, port: int, workdir: str) -> Child:
+    env = python_env(
         BENCH_PORTAL=portal,
-        BENCH_DATABASE_URI=core.sqlite_url(workdir, "gunicorn.sqlite3"),
+        BENCH_DATABASE_URI=sqlite_url(workdir, "gunicorn.sqlite3"),
     )
     args = [
         sys.executable,
@@ -366,16 +371,16 @@ def gunicorn(portal: str, port: int, workdir: str) -> core.Child:
         f"--bind=127.0.0.1:{port}",
         "--log-level=warning",
         "--chdir",
-        str(core.ROOT),
+        str(ROOT),
         "bench.wsgi:app",
     ]
-    child = core.Child(core.pinned(args, 0), env, terminate=True)
-    core.wait_for_port(port)
+    child = Child(pinned(args, 0), env, terminate=True)
+    wait_for_port(port)
     return child
 
 
-def under_gunicorn(result: core.Result, quick: bool, workdir: str) -> None:
-    wrk = core.which("wrk")
+def under_gunicorn(result: Result, quick: bool, workdir: str) -> None:
+    wrk = which("wrk")
     try:
         import gunicorn as _gunicorn
     except ImportError:
@@ -388,7 +393,7 @@ def under_gunicorn(result: core.Result, quick: bool, workdir: str) -> None:
         result.goal("under gunicorn + wrk, under 5% without a token", None, f"no {missing}")
         return
     rounds, seconds = (1, 1.0) if quick else (15, 1.0)
-    ports = {"plain": core.free_port(), "referral": core.free_port(), "twin": core.free_port()}
+    ports = {"plain": free_port(), "referral": free_port(), "twin": free_port()}
     servers = [
         gunicorn("plain" if portal == "twin" else portal, port, workdir)
         for portal, port in ports.items()
@@ -411,7 +416,7 @@ def under_gunicorn(result: core.Result, quick: bool, workdir: str) -> None:
     kinds = [k for k in request_kinds(plain_app) if k.key in ("bare", "landing", "pending")]
     bare: Row | None = None
     control: Row | None = None
-    with core.children(servers):
+    with children(servers):
         for kind in kinds:
             path = kind.path + (f"?{kind.query}" if kind.query else "")
             # The A/A control (the plain portal on a second server) with the bare kind.
@@ -434,8 +439,8 @@ def under_gunicorn(result: core.Result, quick: bool, workdir: str) -> None:
 
             for portal in portals:  # warm-up
                 run_wrk(wrk, f"http://127.0.0.1:{ports[portal]}{path}", kind.cookie, 1)
-            samples = core.interleaved({p: case(p) for p in portals}, rounds)
-            p50s = {p: core.median([r[1] for r in runs[p]]) for p in portals}
+            samples = interleaved({p: case(p) for p in portals}, rounds)
+            p50s = {p: median([r[1] for r in runs[p]]) for p in portals}
             # Time per request is 1/rate: the ratio of costs is plain rate over ours.
             row = _row(kind, samples["plain"], samples["referral"], inverse=True)
             label, *rates, ratio, interval = _cells(row)
@@ -454,8 +459,8 @@ def under_gunicorn(result: core.Result, quick: bool, workdir: str) -> None:
     _judge(result, "under gunicorn + wrk, under 5% without a token", [bare], control)
 
 
-def run(quick: bool) -> core.Result:
-    result = core.Result(NAME, TITLE, quick)
+def run(quick: bool) -> Result:
+    result = Result(NAME, TITLE, quick)
     result.notes.append(
         "ratio = time per request with flask-mmolove over without (median of per-round "
         "ratios); under gunicorn the time per request is 1 / requests per second."

@@ -26,7 +26,7 @@ from flask import Flask, redirect, request, session
 
 from flask_mmolove import MMOLove, referral_registered, set_referee
 
-from .core import ROOT
+from . import ROOT
 
 SECRET_KEY = "bench-" + "k" * 32
 SendEvent = Callable[..., tuple[int, str]]

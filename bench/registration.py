@@ -24,8 +24,12 @@ from flask import Flask
 
 from flask_mmolove import MMOLove
 
-from . import core
+from .databases import postgres_url, sqlite_url, table_prefix
 from .portals import guide_portal, plain_portal, referral_portal
+from .results import Result
+from .sandbox import Sandbox
+from .stats import median, percentile
+from .timing import interleaved
 
 NAME = "registration"
 TITLE = "Registration latency with a slow MMOLove"
@@ -42,12 +46,12 @@ def _timed_post(client: Any, url: str) -> float:
     return elapsed
 
 
-def run(quick: bool) -> core.Result:
+def run(quick: bool) -> Result:
     rounds = 3 if quick else 30
-    result = core.Result(NAME, TITLE, quick, params={"delay_s": DELAY, "rounds": rounds})
+    result = Result(NAME, TITLE, quick, params={"delay_s": DELAY, "rounds": rounds})
     with (
         tempfile.TemporaryDirectory(prefix="mmolove-bench-") as workdir,
-        core.Sandbox(DELAY) as sandbox,
+        Sandbox(DELAY) as sandbox,
     ):
         made: dict[str, tuple[MMOLove, Flask]] = {}
 
@@ -65,9 +69,9 @@ def run(quick: bool) -> core.Result:
 
         portals: dict[str, Flask] = {
             "none": plain_portal(),
-            "thread": ours("thread", "thread", core.sqlite_url(workdir, "thread.sqlite3")),
-            "worker": ours("worker", "worker", core.sqlite_url(workdir, "worker.sqlite3")),
-            "inline": ours("inline", "inline", core.sqlite_url(workdir, "inline.sqlite3")),
+            "thread": ours("thread", "thread", sqlite_url(workdir, "thread.sqlite3")),
+            "worker": ours("worker", "worker", sqlite_url(workdir, "worker.sqlite3")),
+            "inline": ours("inline", "inline", sqlite_url(workdir, "inline.sqlite3")),
             "guide": guide_portal(sandbox.secret, sandbox.server_id, sandbox.endpoint),
         }
         labels = {
@@ -77,10 +81,10 @@ def run(quick: bool) -> core.Result:
             "inline": "flask-mmolove, inline mode (posts before answering)",
             "guide": "the guide: mmolove_send_event inline in the view",
         }
-        pg = core.postgres_url()
+        pg = postgres_url()
         if pg is not None:
             portals["thread_pg"] = ours(
-                "thread_pg", "thread", pg, MMOLOVE_TABLE_PREFIX=core.table_prefix()
+                "thread_pg", "thread", pg, MMOLOVE_TABLE_PREFIX=table_prefix()
             )
             labels["thread_pg"] = "flask-mmolove, thread mode, PostgreSQL outbox"
         else:
@@ -102,7 +106,7 @@ def run(quick: bool) -> core.Result:
         cases = {name: case(name) for name in portals}
         for run_one in cases.values():  # warm-up: imports, connections, the thread
             run_one()
-        samples = core.interleaved(cases, rounds)
+        samples = interleaved(cases, rounds)
         # Every event reaches MMOLove: the worker's by a burst here, the rest already.
         worker_ext, worker_app = made["worker"]
         while worker_ext.deliver_now(worker_app):
@@ -117,16 +121,16 @@ def run(quick: bool) -> core.Result:
         if pg is not None:
             _drop(portals["thread_pg"])
 
-    base = core.median(samples["none"])
+    base = median(samples["none"])
     table = result.table(
         f"POST /register, ms (sandbox delay {DELAY * 1e3:.0f} ms; {rounds} interleaved rounds)",
         ["portal", "median", "p90", "max", "median - no code"],
     )
     for name, values in samples.items():
-        med = core.median(values)
-        table.add(labels[name], med, core.percentile(values, 0.9), max(values), med - base)
+        med = median(values)
+        table.add(labels[name], med, percentile(values, 0.9), max(values), med - base)
         result.metric(f"{name}.median_ms", med)
-        result.metric(f"{name}.p90_ms", core.percentile(values, 0.9))
+        result.metric(f"{name}.p90_ms", percentile(values, 0.9))
         result.metric(f"{name}.extra_ms", med - base)
     result.metric("events_accepted", accepted)
     worst = max(result.metrics["thread.extra_ms"], result.metrics["worker.extra_ms"])

@@ -1,6 +1,6 @@
 """The MMOLove sandbox in a process of its own, with a fixed latency on every event.
 
-Run by :class:`bench.core.Sandbox`; not a tool of its own. Two ways to serve it:
+Run by :class:`bench.sandbox.Sandbox`; not a tool of its own. Two ways to serve it:
 
 - ``python -m bench.sandbox_proc``: werkzeug's threaded server, as ``SandboxServer``
   and ``python -m flask_mmolove.sandbox`` run it. It prints one JSON line

@@ -29,8 +29,11 @@ from flask_mmolove import MMOLove
 from flask_mmolove.client import SendResult
 from flask_mmolove.protocol import Outcome, sign_referral_body
 
-from . import core
+from .databases import postgres_url, sqlite_url, table_prefix
 from .events import fill, fresh_outbox, registered_events
+from .processes import Child, python_env
+from .results import Result
+from .stats import median, percentile
 
 NAME = "scaling"
 TITLE = "Scaling with the backlog"
@@ -76,13 +79,13 @@ def _token(i: int) -> str:
 
 
 def measure_costs(
-    result: core.Result, backend: str, url: str, sizes: list[int], per_size: int, rounds: int
+    result: Result, backend: str, url: str, sizes: list[int], per_size: int, rounds: int
 ) -> None:
     table = result.table(
         f"{backend}: µs per event with a backlog (median of {rounds} rounds of {per_size} events)",
         ["backlog", "enqueue", "delivery (DB + signing)", "enqueue p90", "delivery per pass"],
     )
-    prefix = core.table_prefix()
+    prefix = table_prefix()
     with fresh_outbox(url, prefix) as outbox, portal(url, prefix) as (app, _ext):
         deliverer = app.extensions["mmolove"].deliverer
         deliverer.client = InstantClient("bench-secret")
@@ -112,7 +115,7 @@ def measure_costs(
                     )
                     calls.append((time.perf_counter() - started) * 1e6)
                 enqueue_us.append(sum(calls) / len(calls))
-                enqueue_p90.append(core.percentile(calls, 0.9))
+                enqueue_p90.append(percentile(calls, 0.9))
                 delivered = passes = 0
                 started = time.perf_counter()
                 while delivered < per_size:
@@ -125,15 +128,15 @@ def measure_costs(
                 deliver_us.append(elapsed / delivered * 1e6)
                 pass_ms.append(elapsed / passes * 1e3)
             row = {
-                "enqueue_us": core.median(enqueue_us),
-                "delivery_us": core.median(deliver_us),
+                "enqueue_us": median(enqueue_us),
+                "delivery_us": median(deliver_us),
             }
             table.add(
                 f"{size:,}",
                 row["enqueue_us"],
                 row["delivery_us"],
-                core.median(enqueue_p90),
-                f"{core.median(pass_ms):.1f} ms",
+                median(enqueue_p90),
+                f"{median(pass_ms):.1f} ms",
             )
             for key, value in row.items():
                 result.metric(f"{backend}.{size}.{key}", value)
@@ -145,11 +148,9 @@ def measure_costs(
         result.metric(f"{backend}.{key.removesuffix('_us')}_growth_ratio", ratio)
 
 
-def measure_memory(
-    result: core.Result, backend: str, url: str, events: int, max_seconds: float
-) -> None:
-    prefix = core.table_prefix()
-    with core.Child.module("bench.sink_proc") as sink, fresh_outbox(url, prefix) as outbox:
+def measure_memory(result: Result, backend: str, url: str, events: int, max_seconds: float) -> None:
+    prefix = table_prefix()
+    with Child.module("bench.sink_proc") as sink, fresh_outbox(url, prefix) as outbox:
         endpoint = f"http://127.0.0.1:{sink.read()['port']}/api/referral/events"
         stored = 0
         while stored < events:
@@ -164,8 +165,8 @@ def measure_memory(
             "sample_every": max(1, events // 20),
             "max_seconds": max_seconds,
         }
-        env = core.python_env(BENCH_WORKER=json.dumps(config), BENCH_WORKER_SECRET="bench-secret")
-        with core.Child.module("bench.worker_proc", env=env) as worker:
+        env = python_env(BENCH_WORKER=json.dumps(config), BENCH_WORKER_SECRET="bench-secret")
+        with Child.module("bench.worker_proc", env=env) as worker:
             ready = worker.read()
             worker.send("go")
             report = worker.read(timeout=max_seconds + 120)
@@ -204,11 +205,11 @@ def measure_memory(
     result.metric(f"{backend}.memory.delivered", delivered)
 
 
-def run(quick: bool) -> core.Result:
+def run(quick: bool) -> Result:
     sizes = [200, 1000] if quick else [1_000, 10_000, 100_000]
     per_size, rounds = (50, 2) if quick else (300, 3)
     memory_events, memory_seconds = (2_000, 60.0) if quick else (100_000, 150.0)
-    result = core.Result(
+    result = Result(
         NAME,
         TITLE,
         quick,
@@ -216,8 +217,8 @@ def run(quick: bool) -> core.Result:
     )
     backends: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="mmolove-bench-") as workdir:
-        backends["sqlite"] = core.sqlite_url(workdir)
-        pg = core.postgres_url()
+        backends["sqlite"] = sqlite_url(workdir)
+        pg = postgres_url()
         if pg is not None:
             backends["postgresql"] = pg
         else:
@@ -225,7 +226,7 @@ def run(quick: bool) -> core.Result:
         for backend, url in backends.items():
             measure_costs(result, backend, url, sizes, per_size, rounds)
         for backend, url in backends.items():
-            memory_url = url if backend != "sqlite" else core.sqlite_url(workdir, "memory.sqlite3")
+            memory_url = url if backend != "sqlite" else sqlite_url(workdir, "memory.sqlite3")
             measure_memory(result, backend, memory_url, memory_events, memory_seconds)
     m = result.metrics
     growth = max(m[f"{b}.{k}_growth_ratio"] for b in backends for k in ("enqueue", "delivery"))

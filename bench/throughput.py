@@ -39,9 +39,14 @@ from pathlib import Path
 from flask_mmolove.client import ReferralClient
 from flask_mmolove.protocol import SIGNATURE_HEADER, sign_referral_body
 
-from . import core
+from .databases import sqlite_url
 from .events import Event, delivered_span, fill, fresh_outbox, registered_events
 from .portals import guide_send_event
+from .processes import Child, children, python_env, which
+from .results import Result
+from .sandbox import Sandbox, have_gunicorn
+from .stats import median
+from .timing import interleaved
 
 NAME = "throughput"
 TITLE = "Delivery throughput"
@@ -56,7 +61,7 @@ def _sizes(quick: bool, delay: float) -> tuple[int, int]:
 
 
 class Run:
-    def __init__(self, sandbox: core.Sandbox, workdir: str) -> None:
+    def __init__(self, sandbox: Sandbox, workdir: str) -> None:
         self.sandbox = sandbox
         self.workdir = workdir
         self.serial = 0
@@ -135,7 +140,7 @@ class Run:
 
     def ours(self, n: int, workers: int, concurrency: int = 4) -> tuple[float, float]:
         self.serial += 1
-        url = core.sqlite_url(self.workdir, f"throughput-{self.serial}.sqlite3")
+        url = sqlite_url(self.workdir, f"throughput-{self.serial}.sqlite3")
         with fresh_outbox(url, "mmolove_") as outbox:
             fill(outbox, self.events(n))
             config = {
@@ -144,12 +149,12 @@ class Run:
                 "database": url,
                 "settings": {"concurrency": concurrency},
             }
-            env = core.python_env(
+            env = python_env(
                 BENCH_WORKER=json.dumps(config), BENCH_WORKER_SECRET=self.sandbox.secret
             )
             self.sandbox.reset()
-            procs = [core.Child.module("bench.worker_proc", env=env) for _ in range(workers)]
-            with core.children(procs):
+            procs = [Child.module("bench.worker_proc", env=env) for _ in range(workers)]
+            with children(procs):
                 for proc in procs:
                     proc.read(timeout=60)
                 cpu0 = self.sandbox.cpu_seconds()
@@ -229,16 +234,16 @@ def sandbox_ceiling(bench: Run, wrk: str, seconds: int) -> tuple[float, float]:
     return float(rate.group(1)), cpu / float(total.group(2))
 
 
-def run(quick: bool) -> core.Result:
+def run(quick: bool) -> Result:
     rounds = 1 if quick else 3
-    result = core.Result(NAME, TITLE, quick, params={"rounds": rounds})
-    keep_alive = core.have_gunicorn()
+    result = Result(NAME, TITLE, quick, params={"rounds": rounds})
+    keep_alive = have_gunicorn()
     with (
         tempfile.TemporaryDirectory(prefix="mmolove-bench-") as workdir,
-        core.Sandbox(keep_alive=keep_alive) as sandbox,
+        Sandbox(keep_alive=keep_alive) as sandbox,
     ):
         bench = Run(sandbox, workdir)
-        wrk = core.which("wrk")
+        wrk = which("wrk")
         for delay in DELAYS:
             sandbox.set_delay(delay)
             n_one, n_many = _sizes(quick, delay)
@@ -266,7 +271,7 @@ def run(quick: bool) -> core.Result:
             }
             if delay == 0 and wrk is not None:
                 cases["wrk"] = case("wrk", partial(sandbox_ceiling, bench, wrk, 1 if quick else 3))
-            samples = core.interleaved(cases, rounds)
+            samples = interleaved(cases, rounds)
             ms = round(delay * 1e3)
             labels = {
                 "guide": f"the guide's client, one by one ({n_one} events)",
@@ -282,13 +287,13 @@ def run(quick: bool) -> core.Result:
                 "interleaved rounds)",
                 ["sender", "events/s", "x the guide", "sandbox CPU (cores)"],
             )
-            guide = core.median(samples["guide"])
+            guide = median(samples["guide"])
             for name, values in samples.items():
-                rate = core.median(values)
-                table.add(labels[name], rate, rate / guide, core.median(cpu[name]))
+                rate = median(values)
+                table.add(labels[name], rate, rate / guide, median(cpu[name]))
                 result.metric(f"delay_{ms}ms.{name}.per_s", rate)
                 result.metric(f"delay_{ms}ms.{name}.vs_guide_ratio", rate / guide)
-                result.metric(f"delay_{ms}ms.{name}.sandbox_cpu_cores", core.median(cpu[name]))
+                result.metric(f"delay_{ms}ms.{name}.sandbox_cpu_cores", median(cpu[name]))
         if wrk is None:
             result.notes.append("wrk not installed: the sandbox's own ceiling was not measured.")
     result.params["sandbox_server"] = "gunicorn gthread, keep-alive" if keep_alive else "werkzeug"
@@ -304,7 +309,7 @@ def run(quick: bool) -> core.Result:
 NEAR_CEILING = 0.9
 
 
-def _goals(result: core.Result) -> None:
+def _goals(result: Result) -> None:
     m = result.metrics
     at_20 = m["delay_20ms.ours_1.vs_guide_ratio"]
     best_0 = max(m[f"delay_0ms.{name}.per_s"] for name in ("ours_1", "ours_2", "ours_4"))

@@ -21,7 +21,7 @@ from flask import Flask
 from flask_mmolove import MMOLove
 from flask_mmolove.delivery import PassReport, run_worker
 
-from .core import cpu_seconds, rss_mb
+from .processes import cpu_seconds, rss_mb
 
 
 def build(config: dict[str, Any]) -> tuple[Flask, MMOLove]:

@@ -1,4 +1,4 @@
-"""The statistics the benchmarks judge their goals by (``bench.core``): no timing here."""
+"""The statistics the benchmarks judge their goals by (``bench.stats``): no timing here."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from bench.core import median_interval
+from bench.stats import median_interval
 
 
 def binomial_coverage(n: int, k: int) -> float:
