@@ -203,27 +203,40 @@ def _refuse_foreign_connection(
 # --- transactions -------------------------------------------------------------------
 
 
+#: How to create missing tables, for a standalone outbox.
+CREATE_HINT: Final = "create them with Outbox.create_all()"
+
+
 @contextmanager
 def transaction(
-    engine: Engine, *, read_only: bool = False, tables: Sequence[str] = ()
+    engine: Engine,
+    *,
+    read_only: bool = False,
+    tables: Sequence[str] = (),
+    create_hint: str = CREATE_HINT,
 ) -> Iterator[Connection]:
     """A connection of ``engine`` in a transaction, committed when the block ends.
 
     On SQLite a write transaction holds the write lock from its BEGIN, and a read-only
     one (``read_only``) takes none; no ``fork()`` happens while either is open. A
     database error that needs the operator is raised as an :class:`OutboxError` saying
-    what to fix; ``tables`` are named when they are missing.
+    what to fix; ``tables`` are named when they are missing, with ``create_hint``.
     """
     if engine.dialect.name == "sqlite":
-        with _fork_guard.transaction(), _connection(engine, read_only, tables) as conn:
+        with (
+            _fork_guard.transaction(),
+            _connection(engine, read_only, tables, create_hint) as conn,
+        ):
             yield conn
     else:
-        with _connection(engine, read_only, tables) as conn:
+        with _connection(engine, read_only, tables, create_hint) as conn:
             yield conn
 
 
 @contextmanager
-def _connection(engine: Engine, read_only: bool, tables: Sequence[str]) -> Iterator[Connection]:
+def _connection(
+    engine: Engine, read_only: bool, tables: Sequence[str], create_hint: str
+) -> Iterator[Connection]:
     try:
         conn = engine.connect()
     except sa_exc.DBAPIError as exc:
@@ -234,29 +247,32 @@ def _connection(engine: Engine, read_only: bool, tables: Sequence[str]) -> Itera
         if read_only:
             # Only SQLite's begin hook reads this; elsewhere it is inert.
             conn.execution_options(**{_DEFERRED: True})
-        with explained(engine, tables), conn.begin():
+        with explained(engine, tables, create_hint), conn.begin():
             yield conn
 
 
 @contextmanager
-def explained(engine: Engine, tables: Sequence[str]) -> Iterator[None]:
+def explained(
+    engine: Engine, tables: Sequence[str], create_hint: str = CREATE_HINT
+) -> Iterator[None]:
     """Raise a database error of the block that needs the operator as an
     :class:`OutboxError` saying what to fix; any other goes on as it is."""
     try:
         yield
     except sa_exc.DBAPIError as exc:
-        explanation = _explain(exc, _url(engine), tables)
+        explanation = _explain(exc, _url(engine), tables, create_hint)
         if explanation is None:
             raise
         raise explanation from exc
 
 
-def _explain(exc: sa_exc.DBAPIError, url: str, tables: Sequence[str]) -> OutboxError | None:
+def _explain(
+    exc: sa_exc.DBAPIError, url: str, tables: Sequence[str], create_hint: str
+) -> OutboxError | None:
     reason = _reason(exc)
     if getattr(exc.orig, "sqlstate", None) == "42P01" or "no such table" in reason:
         return OutboxError(
-            f"the outbox tables ({', '.join(tables)}) do not exist in {url}: create them "
-            "with Outbox.create_all()"
+            f"the outbox tables ({', '.join(tables)}) do not exist in {url}: {create_hint}"
         )
     if "database is locked" in reason:
         return OutboxError(

@@ -48,14 +48,26 @@ class Tables:
     credits: sa.Table
 
     @property
+    def all(self) -> list[sa.Table]:
+        return [self.events, self.bindings, self.credits]
+
+    @property
     def names(self) -> tuple[str, ...]:
-        return tuple(table.name for table in self.metadata.sorted_tables)
+        return (self.events.name, self.bindings.name, self.credits.name)
 
 
-def make_tables(prefix: str) -> Tables:
-    """The tables ``<prefix>events``, ``<prefix>bindings`` and ``<prefix>credits``."""
+def make_tables(prefix: str, metadata: sa.MetaData | None = None) -> Tables:
+    """The tables ``<prefix>events``, ``<prefix>bindings`` and ``<prefix>credits``.
+
+    Declared in ``metadata`` when given (the portal's own, so that its migrations and
+    ``create_all`` include them); an app factory run again finds them declared there
+    already and gets the same tables.
+    """
     p = check_table_prefix(prefix)
-    metadata = sa.MetaData()
+    if metadata is None:
+        metadata = sa.MetaData()
+    elif f"{p}events" in metadata.tables:
+        return _declared(p, metadata)
     # BIGINT on PostgreSQL; SQLite only auto-increments "INTEGER PRIMARY KEY".
     big_id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
     events = sa.Table(
@@ -118,6 +130,19 @@ def make_tables(prefix: str) -> Tables:
     return Tables(p, metadata, events, bindings, credits)
 
 
+def _declared(prefix: str, metadata: sa.MetaData) -> Tables:
+    names = [f"{prefix}{name}" for name in ("events", "bindings", "credits")]
+    missing = [name for name in names if name not in metadata.tables]
+    if missing:
+        raise OutboxError(
+            f"the portal's metadata declares {prefix}events but not {', '.join(missing)}: "
+            f"another table uses the outbox's prefix {prefix!r}; set MMOLOVE_TABLE_PREFIX "
+            "to a prefix of the outbox's own"
+        )
+    events, bindings, credits = (metadata.tables[name] for name in names)
+    return Tables(prefix, metadata, events, bindings, credits)
+
+
 def create_all(engine: Engine, tables: Tables) -> None:
     """Create the tables and indexes that do not exist yet.
 
@@ -127,7 +152,7 @@ def create_all(engine: Engine, tables: Tables) -> None:
     try:
         with transaction(engine, tables=tables.names) as conn:
             _lock_schema(conn, tables.prefix)
-            tables.metadata.create_all(conn, checkfirst=True)
+            tables.metadata.create_all(conn, tables=tables.all, checkfirst=True)
     except (sa_exc.DBAPIError, OutboxError):
         # Elsewhere, a concurrent creator can win the race between check and
         # create; that is success as long as the tables are there now.
@@ -139,7 +164,7 @@ def drop_all(engine: Engine, tables: Tables) -> None:
     """Drop the tables and everything in them."""
     with transaction(engine, tables=tables.names) as conn:
         _lock_schema(conn, tables.prefix)
-        tables.metadata.drop_all(conn, checkfirst=True)
+        tables.metadata.drop_all(conn, tables=tables.all, checkfirst=True)
 
 
 def _lock_schema(conn: Connection, prefix: str) -> None:

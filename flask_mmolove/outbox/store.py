@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from . import schema
-from .engine import explained, transaction
+from .engine import CREATE_HINT, explained, transaction
 from .queries import Lease, Statements, insert_if_absent
 from .values import (
     DEAD,
@@ -40,6 +40,9 @@ class Outbox:
     ``table_prefix`` namespaces the tables (``<prefix>events``, ``<prefix>bindings``,
     ``<prefix>credits``) so they can live in the portal's own database. ``clock``
     returns unix seconds; every stored time comes from it, never from the database.
+    ``metadata``: declare the tables there (the portal's, whose migrations then own
+    them) instead of in a metadata of the outbox's own; ``create_hint`` says how to
+    create them when they are missing.
     """
 
     def __init__(
@@ -48,8 +51,11 @@ class Outbox:
         *,
         table_prefix: str = "mmolove_",
         clock: Callable[[], float] = time.time,
+        metadata: sa.MetaData | None = None,
+        create_hint: str = CREATE_HINT,
     ) -> None:
-        self._tables = schema.make_tables(table_prefix)
+        self._tables = schema.make_tables(table_prefix, metadata)
+        self._create_hint = create_hint
         self._sql = Statements(self._tables, engine.dialect)
         self.engine = engine
         self.table_prefix = table_prefix
@@ -429,9 +435,15 @@ class Outbox:
         )
         return [Credit.from_row(row) for row in rows]
 
-    def finish_credit(self, identity: str, owner: str) -> bool:
-        """Record that ``owner`` announced the credit; False if the lease is not ours."""
-        with self._transaction() as conn:
+    def finish_credit(
+        self, identity: str, owner: str, *, connection: Connection | None = None
+    ) -> bool:
+        """Record that ``owner`` announced the credit; False if the lease is not ours.
+
+        With ``connection``, in the caller's transaction: recorded if and when the
+        caller commits (with whatever its receivers wrote there).
+        """
+        with self._transaction_on(connection) as conn:
             done = conn.execute(
                 self._sql.end_credit_lease(identity, owner, notified_at=self.clock())
             )
@@ -454,7 +466,12 @@ class Outbox:
     # --- plumbing -----------------------------------------------------------------
 
     def _transaction(self, *, read_only: bool = False) -> AbstractContextManager[Connection]:
-        return transaction(self.engine, read_only=read_only, tables=self._tables.names)
+        return transaction(
+            self.engine,
+            read_only=read_only,
+            tables=self._tables.names,
+            create_hint=self._create_hint,
+        )
 
     @contextmanager
     def _transaction_on(
@@ -466,5 +483,5 @@ class Outbox:
             with self._transaction(read_only=read_only) as conn:
                 yield conn
         else:
-            with explained(connection.engine, self._tables.names):
+            with explained(connection.engine, self._tables.names, self._create_hint):
                 yield connection
