@@ -5,6 +5,7 @@ from __future__ import annotations
 from ._version import __version__
 from .client import ReferralClient, SendResult, TransportError
 from .extension import MMOLove
+from .outbox import OutboxError
 from .protocol import (
     DEFAULT_ENDPOINT,
     Action,
@@ -33,6 +34,7 @@ __all__ = [
     "Decision",
     "MMOLove",
     "MalformedSignatureError",
+    "OutboxError",
     "Outcome",
     "ReferralClient",
     "SendResult",

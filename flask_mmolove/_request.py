@@ -21,14 +21,17 @@ from collections.abc import Callable
 from typing import Final
 
 from flask import Flask, Response, g, has_request_context, request, request_finished
+from sqlalchemy.engine import Connection
 
 from . import capture
+from ._portal_db import PortalDB
 from .state import MMOLoveState, get_state
 
 logger = logging.getLogger("flask_mmolove")
 
-#: An outbox write: returns the id of the event it stored, or None.
-Write = Callable[[], "int | None"]
+#: An outbox write, on the connection given (the portal's transaction) or in a
+#: transaction of its own (None): returns the id of the event it stored, or None.
+Write = Callable[[Connection | None], "int | None"]
 
 _ENVIRON_KEY: Final = "flask_mmolove.request"
 
@@ -36,7 +39,16 @@ _ENVIRON_KEY: Final = "flask_mmolove.request"
 class RequestWork:
     """What the extension has to do for one request."""
 
-    __slots__ = ("cookie", "forgotten", "referee", "responding", "writes")
+    __slots__ = (
+        "bound",
+        "committed",
+        "cookie",
+        "forgotten",
+        "in_portal_transaction",
+        "referee",
+        "responding",
+        "writes",
+    )
 
     def __init__(self, *, responding: bool) -> None:
         #: A response will come: writes wait for it (False in a bare request context).
@@ -49,6 +61,14 @@ class RequestWork:
         self.writes: list[tuple[Write, Callable[[], None] | None]] = []
         #: The token let go when its account was bound, until the response is final.
         self.forgotten: str | None = None
+        #: Referees bound in this request and the token each is bound to, before the
+        #: binding is written: a milestone reached in the same request finds it here.
+        self.bound: dict[str, str] = {}
+        #: This request wrote in the portal's transaction.
+        self.in_portal_transaction = False
+        #: Events of this request the portal has committed: delivery is woken for them
+        #: when the response is final.
+        self.committed: list[int] = []
 
 
 def current_work() -> RequestWork | None:
@@ -63,26 +83,59 @@ def current_work() -> RequestWork | None:
 
 
 def write(state: MMOLoveState, write: Write, *, then: Callable[[], None] | None = None) -> None:
-    """Run an outbox write with the request's successful response, or now.
+    """Run an outbox write: in the portal's transaction at once, or (standalone) with
+    the request's successful response, or now when no response will come.
 
-    ``then`` (forgetting the token) runs once the write is known to go ahead, early
-    enough to reach the session and the cookie.
+    ``then`` (forgetting the token) runs once the write is known to go ahead: after
+    the portal's commit, or with a successful response, early enough to reach the
+    session and the cookie.
     """
+    if state.portal_db is not None:
+        _write_in_portal_transaction(state, state.portal_db, write, then)
+        return
     work = current_work()
     if work is not None and work.responding:
         work.writes.append((write, then))
         return
-    event_id = write()
+    event_id = write(None)
     if then is not None:
         then()
     state.dispatch([] if event_id is None else [event_id])
 
 
-def forget_token(state: MMOLoveState) -> None:
-    """The pending token is bound to an account now: drop it, and our cookie."""
+def _write_in_portal_transaction(
+    state: MMOLoveState, portal_db: PortalDB, write: Write, then: Callable[[], None] | None
+) -> None:
+    # Outbox trouble is the portal's trouble: a failing write raises into the view,
+    # and the portal's transaction does not commit without its event.
+    event_id = write(portal_db.connection())
     work = current_work()
     if work is not None:
-        work.forgotten = g.get("mmref")
+        work.in_portal_transaction = True
+
+    def committed() -> None:
+        ids = [] if event_id is None else [event_id]
+        if work is not None and work is current_work() and work.responding:
+            if then is not None:
+                then()
+            # Delivery starts once the response is final, the portal's commit long done.
+            work.committed.extend(ids)
+        else:
+            state.dispatch(ids)
+
+    portal_db.after_commit(committed)
+
+
+def forget_token(state: MMOLoveState, *, committed: bool = False) -> None:
+    """The pending token is bound to an account now: drop it, and our cookie.
+
+    ``committed``: its event is committed already, so a request that fails from here
+    on does not bring the token back.
+    """
+    work = current_work()
+    if work is not None:
+        if not committed:
+            work.forgotten = g.get("mmref")
         work.cookie = capture.CLEAR
     capture.forget(state.settings.capture)
 
@@ -91,6 +144,7 @@ def install(app: Flask, state: MMOLoveState) -> None:
     """Connect the request hooks of ``app``: once, in ``init_app``."""
     settings = state.settings.capture
     background = state.background
+    portal_db = state.portal_db
 
     def before_request() -> None:
         work = request.environ[_ENVIRON_KEY] = RequestWork(responding=True)
@@ -112,6 +166,16 @@ def install(app: Flask, state: MMOLoveState) -> None:
         if work is None:
             return response
         failed = response.status_code >= 400
+        if (
+            not failed
+            and work.in_portal_transaction
+            and portal_db is not None
+            and portal_db.waiting()
+        ):
+            # The view let the response go with our writes still uncommitted (it
+            # committed before set_referee, or the milestone came after its commit):
+            # they commit now, or the request fails with them.
+            portal_db.commit()
         if work.writes and failed:
             _discard(work, response.status_code)
         elif work.writes:
@@ -141,6 +205,9 @@ def _finished(sender: Flask, response: Response, **extra: object) -> None:
     # Over: a write made from now on, in a context the test client or the debugger
     # keeps, happens at once instead of waiting for a response that has gone.
     work.responding = False
+    if work.committed:
+        committed, work.committed = work.committed, []
+        get_state(sender).dispatch(committed)
     if not work.writes:
         return
     if response.status_code >= 400:
@@ -153,7 +220,7 @@ def _finished(sender: Flask, response: Response, **extra: object) -> None:
     ids = []
     for write_event, _ in writes:
         try:
-            event_id = write_event()
+            event_id = write_event(None)
         except Exception:
             # The portal's own work is done and answered; failing the request now
             # would tell the player it was not. Say loudly what was lost.

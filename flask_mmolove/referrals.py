@@ -10,6 +10,7 @@ from typing import Any, TypeVar, overload
 
 from flask import Flask, current_app, g, has_app_context, make_response, request
 from flask.typing import ResponseReturnValue
+from sqlalchemy.engine import Connection
 
 from . import _request
 from .outbox import SERVER_EVENT_ID_MAX
@@ -44,8 +45,10 @@ def set_referee(identity: object) -> None:
     """Name the account the current request created; call it in the registration view.
 
     ``identity`` must be stable for the account's life (its id, not a renamable
-    name). The decorated view's successful response then binds it to the pending
-    token and enqueues ``registered``.
+    name). With the outbox in the portal's transaction (``db=``), the binding and
+    ``registered`` are written at once, in that transaction: add and flush the
+    account, call this, then commit. Standalone, the decorated view's successful
+    response binds it to the pending token and enqueues ``registered``.
     """
     if normalize_identity(identity) is None:
         raise ValueError(
@@ -59,6 +62,10 @@ def set_referee(identity: object) -> None:
             "the registration view, inside a request"
         )
     work.referee = identity
+    state = get_state()
+    if state.portal_db is not None and g.get("mmref") is not None:
+        work.referee = None
+        record_registration(identity)
 
 
 def record_registration(identity: object, *, app: Flask | None = None) -> bool:
@@ -90,13 +97,14 @@ def record_registration(identity: object, *, app: Flask | None = None) -> bool:
         test=state.settings.test_mode,
     )
 
-    def write() -> int | None:
+    def write(connection: Connection | None) -> int | None:
         bound, event_id = outbox.bind_and_enqueue(
             identity=referee,
             token=token,
             event="registered",
             server_event_id=f"reg-{referee}",
             body=body,
+            connection=connection,
         )
         if bound != token:
             logger.info(
@@ -105,7 +113,11 @@ def record_registration(identity: object, *, app: Flask | None = None) -> bool:
             )
         return event_id
 
-    _request.write(state, write, then=lambda: _request.forget_token(state))
+    committed = state.portal_db is not None
+    work = _request.current_work()
+    if work is not None:
+        work.bound.setdefault(referee, token)
+    _request.write(state, write, then=lambda: _request.forget_token(state, committed=committed))
     return True
 
 
@@ -164,7 +176,10 @@ def referral_registered(
             work.referee = None
             signed_in_before = _flask_login_identity() if g.get("mmref") is not None else None
             response = make_response(current_app.ensure_sync(func)(*args, **kwargs))
-            if 200 <= response.status_code < 400 and g.get("mmref") is not None:
+            if work.bound:
+                # set_referee() wrote it already, in the portal's transaction.
+                pass
+            elif 200 <= response.status_code < 400 and g.get("mmref") is not None:
                 referee = _resolve_identity(work, identity, signed_in_before)
                 if referee is None and request.method in ("GET", "HEAD", "OPTIONS"):
                     # Showing the form: no account exists yet, so no identity either.
@@ -210,7 +225,15 @@ def record_qualification(
             f"characters), as given to set_referee(); got {type(identity).__name__}"
         )
     outbox = delivery.outbox
-    bound = token if token is not None else outbox.token_for(referee)
+    portal_db = state.portal_db
+    connection = None if portal_db is None else portal_db.connection()
+    work = _request.current_work()
+    bound = token
+    if bound is None and work is not None:
+        # Bound in this very request, its binding not written yet (standalone).
+        bound = work.bound.get(referee)
+    if bound is None:
+        bound = outbox.token_for(referee, connection=connection)
     if bound is None:
         logger.debug("player %r reached the milestone but was not referred", referee)
         return False
@@ -223,13 +246,14 @@ def record_qualification(
         test=state.settings.test_mode,
     )
 
-    def write() -> int | None:
+    def write(connection: Connection | None) -> int | None:
         return outbox.enqueue(
             event="qualified",
             token=bound,
             identity=referee,
             server_event_id=event_id,
             body=body,
+            connection=connection,
         )
 
     _request.write(state, write)

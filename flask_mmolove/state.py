@@ -18,6 +18,8 @@ from flask import Flask, current_app
 from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 
+from . import _portal_db
+from ._portal_db import PortalDB
 from .client import ReferralClient
 from .delivery import BackgroundDelivery, Deliverer
 from .outbox import Outbox, make_engine
@@ -47,6 +49,9 @@ class MMOLoveState:
     settings: Settings
     #: None when ``MMOLOVE_ENABLED`` is false: capture still runs, nothing is recorded.
     delivery: Delivery | None
+    #: The portal's session and metadata when the outbox lives in its transaction
+    #: (``db=``); None for a standalone outbox.
+    portal_db: PortalDB | None = None
 
     def __repr__(self) -> str:
         return f"<flask_mmolove state delivery={self.settings.delivery!r}>"
@@ -81,8 +86,13 @@ class MMOLoveState:
         if self.settings.delivery == "thread" and self.delivery.background is not None:
             self.delivery.background.wake()
         elif self.settings.delivery == "inline":
+            ids = None if event_ids is None else list(event_ids)
             try:
-                self.delivery.deliverer.run_once(ids=None if event_ids is None else list(event_ids))
+                # A token's events go in order: a later one is claimed in the pass after
+                # its elder is settled (a registration and its milestone in one request).
+                for _ in range(len(ids) if ids else 1):
+                    if not self.delivery.deliverer.run_once(ids=ids).claimed:
+                        break
             except Exception:
                 # The events are safe in the outbox, where `flask mmolove worker` (or
                 # `worker --burst` from cron) retries them.
@@ -107,15 +117,33 @@ def build_state(
     app: Flask,
     settings: Settings,
     *,
+    portal_db: PortalDB | None = None,
     clock: Callable[[], float] = time.time,
     jitter: Callable[[], float] = random.random,
 ) -> MMOLoveState:
-    """The state for ``settings``: the outbox (its tables created), client and deliverer."""
+    """The state for ``settings``: the outbox, client and deliverer.
+
+    A standalone outbox creates its tables; one in the portal's database (``portal_db``)
+    leaves them to the portal's migrations, and reaches the database for delivery
+    through an engine of its own, tuned for claiming (an in-memory SQLite database
+    lives in its one connection: that one is shared).
+    """
     if not settings.enabled:
-        return MMOLoveState(settings, None)
-    engine = _engine(settings.database_uri)
-    outbox = Outbox(engine, table_prefix=settings.table_prefix, clock=clock)
-    outbox.create_all()
+        return MMOLoveState(settings, None, portal_db)
+    if portal_db is None:
+        engine = _engine(settings.database_uri)
+        outbox = Outbox(engine, table_prefix=settings.table_prefix, clock=clock)
+        outbox.create_all()
+    else:
+        url = portal_db.engine.url
+        engine = portal_db.engine if in_memory(url) else make_engine(url)
+        outbox = Outbox(
+            engine,
+            table_prefix=settings.table_prefix,
+            clock=clock,
+            metadata=portal_db.metadata,
+            create_hint=_portal_db.CREATE_HINT,
+        )
     # A --preload master must hand its workers no open connection. (An in-memory SQLite
     # database lives in its one connection: keep that.)
     if not in_memory(engine.url):
@@ -127,9 +155,17 @@ def build_state(
         timeout=settings.timeout,
         key_id=settings.key_id,
     )
-    deliverer = Deliverer(app, outbox, client, settings, clock=clock, jitter=jitter)
+    deliverer = Deliverer(
+        app,
+        outbox,
+        client,
+        settings,
+        clock=clock,
+        jitter=jitter,
+        portal_session=None if portal_db is None else portal_db.session,
+    )
     background = BackgroundDelivery(deliverer) if settings.delivery == "thread" else None
-    return MMOLoveState(settings, Delivery(outbox, deliverer, background))
+    return MMOLoveState(settings, Delivery(outbox, deliverer, background), portal_db)
 
 
 def _engine(uri: str) -> Engine:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from flask import Flask
+from sqlalchemy.orm import Session
 
 from ..client import ReferralClient, SendResult, TransportError
 from ..outbox import Credit, Ending, Outbox, OutboxEvent
@@ -118,9 +119,13 @@ class Deliverer:
         *,
         clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
+        portal_session: Callable[[], Session] | None = None,
     ) -> None:
         # The app is the signals' sender and gives receivers an app context.
         self.app = app
+        #: With the outbox in the portal's database: the session whose transaction
+        #: ``referrer_credited``'s receivers share with the credit's record.
+        self.portal_session = portal_session
         self.outbox = outbox
         self.client = client
         self.settings = settings
@@ -352,6 +357,12 @@ class Deliverer:
         return sent
 
     def _announce(self, credit: Credit) -> bool:
+        """Send ``referrer_credited`` for ``credit`` and record it as announced.
+
+        With the portal's session, the receivers run in one of its transactions and
+        the record joins it: what they write through that session commits with the
+        record, once, or not at all.
+        """
         event = self.outbox.get(credit.event_id)
         result = SendResult(
             status=(event.last_status or 200) if event is not None else 200,
@@ -360,13 +371,13 @@ class Deliverer:
         )
         try:
             with self.app.app_context():
-                referrer_credited.send(
-                    self.app,
-                    identity=credit.identity,
-                    token=credit.token,
-                    result=result,
-                    outcome=result.outcome,
-                )
+                if self.portal_session is None:
+                    self._credit(credit, result)
+                    recorded = self.outbox.finish_credit(credit.identity, self.owner)
+                else:
+                    recorded = self._credit_in_portal_transaction(
+                        self.portal_session(), credit, result
+                    )
         except Exception:
             retry_at = self.clock() + self.settings.retry_cap
             logger.exception(
@@ -375,8 +386,38 @@ class Deliverer:
             )
             self.outbox.release_credit(credit.identity, self.owner, retry_at=retry_at)
             return False
-        self.outbox.finish_credit(credit.identity, self.owner)
-        return True
+        if not recorded:
+            logger.warning(
+                "the credit of referee %r: lease lost before it was recorded", credit.identity
+            )
+        return recorded
+
+    def _credit(self, credit: Credit, result: SendResult) -> None:
+        referrer_credited.send(
+            self.app,
+            identity=credit.identity,
+            token=credit.token,
+            result=result,
+            outcome=result.outcome,
+        )
+
+    def _credit_in_portal_transaction(
+        self, session: Session, credit: Credit, result: SendResult
+    ) -> bool:
+        try:
+            self._credit(credit, result)
+            recorded = self.outbox.finish_credit(
+                credit.identity, self.owner, connection=session.connection()
+            )
+            if recorded:
+                session.commit()
+            else:
+                # Another deliverer holds the credit now: it announces, these grants go.
+                session.rollback()
+            return recorded
+        except BaseException:
+            session.rollback()
+            raise
 
     def _emit(self, signal: object, **kwargs: object) -> None:
         # A receiver's bug must not undo a recorded delivery; it is logged instead.
