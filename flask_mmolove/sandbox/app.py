@@ -182,10 +182,15 @@ def _share(server_id: str) -> BaseResponse:
         return _json(400, {"error": f"ref must be at most {_MAX_CODE} characters"})
     token = state.mint_token(code)
     response = redirect(_with_query(state.registration_url, "mmref", token), 302)
-    # MMOLove sets this on its own domain; portals cannot read it (protocol.md 4).
+    # MMOLove sets this on its own domain, which never sends it to the portal
+    # (protocol.md 4). The sandbox shares a host with the portal (127.0.0.1, or the
+    # demo's mount on the portal's own origin), and cookies do not keep ports apart:
+    # the path keeps it on this share link, so no portal page receives it and takes
+    # it for its own first-party cookie.
     response.set_cookie(
         "mmref",
         token,
+        path=url_for("share", server_id=server_id),
         max_age=TOKEN_LIFETIME,
         httponly=True,
         samesite="Lax",

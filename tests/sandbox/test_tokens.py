@@ -99,6 +99,15 @@ def test_share_link_mints_a_working_token_and_keeps_the_query(
     assert result.outcome is Outcome.ADVANCED
 
 
+def test_share_link_cookie_stays_on_the_share_link(mmolove_sandbox: SandboxServer) -> None:
+    # MMOLove's cookie lives on MMOLove's domain; the sandbox shares a host with the
+    # portal, so its cookie is kept to the share link's own path instead.
+    response = requests.get(mmolove_sandbox.share_link(), allow_redirects=False, timeout=10)
+    [cookie] = [c for c in response.cookies if c.name == "mmref"]
+    assert cookie.path == f"/r/{mmolove_sandbox.server_id}"
+    assert cookie.has_nonstandard_attr("HttpOnly")
+
+
 def test_each_click_is_a_distinct_referral(mmolove_sandbox: SandboxServer) -> None:
     tokens = {
         parse_qs(urlsplit(r.headers["Location"]).query)["mmref"][0]
