@@ -20,7 +20,15 @@ import logging
 from collections.abc import Callable
 from typing import Final
 
-from flask import Flask, Response, g, has_request_context, request, request_finished
+from flask import (
+    Flask,
+    Response,
+    after_this_request,
+    g,
+    has_request_context,
+    request,
+    request_finished,
+)
 from sqlalchemy.engine import Connection
 
 from . import capture
@@ -141,7 +149,11 @@ def forget_token(state: MMOLoveState, *, committed: bool = False) -> None:
 
 
 def install(app: Flask, state: MMOLoveState) -> None:
-    """Connect the request hooks of ``app``: once, in ``init_app``."""
+    """Connect the request hooks of ``app``: once, in ``init_app``.
+
+    ``before_request`` starts each request's work and joins our ``after_request`` to
+    it; ``request_finished`` writes what succeeded.
+    """
     settings = state.settings.capture
     background = state.background
     portal_db = state.portal_db
@@ -160,6 +172,10 @@ def install(app: Flask, state: MMOLoveState) -> None:
                     work.cookie = capture.SET
         if background is not None:
             background.ensure_running()
+        # Per request, so that it runs before every hook of the portal's, blueprint or
+        # app: those see the response as we leave it (our cookie set, the token let
+        # go), a cache header decided on it included.
+        after_this_request(after_request)
 
     def after_request(response: Response) -> Response:
         work: RequestWork | None = request.environ.get(_ENVIRON_KEY)
@@ -193,7 +209,6 @@ def install(app: Flask, state: MMOLoveState) -> None:
         return response
 
     app.before_request(before_request)
-    app.after_request(after_request)
     request_finished.connect(_finished, app)
 
 

@@ -57,10 +57,9 @@ def set_referee(identity: object) -> None:
         )
     work = _request.current_work()
     if work is None:
-        raise RuntimeError(
-            "set_referee() names the account the current request created: call it in "
-            "the registration view, inside a request"
-        )
+        # Account code shared with a CLI command or a job: no request, so no token.
+        logger.debug("set_referee() outside a request: no mmref token to bind")
+        return
     work.referee = identity
     state = get_state()
     if state.portal_db is not None and g.get("mmref") is not None:
@@ -172,7 +171,9 @@ def referral_registered(
         def wrapper(*args: Any, **kwargs: Any) -> ResponseReturnValue:
             get_state()  # fail early and clearly when init_app was not called
             work = _request.current_work()
-            assert work is not None  # a view runs in a request
+            if work is None:
+                # Called as a function outside a request: no token, nothing to report.
+                return current_app.ensure_sync(func)(*args, **kwargs)  # type: ignore[no-any-return]
             work.referee = None
             signed_in_before = _flask_login_identity() if g.get("mmref") is not None else None
             response = make_response(current_app.ensure_sync(func)(*args, **kwargs))

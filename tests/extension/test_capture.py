@@ -157,3 +157,20 @@ def test_session_key_is_configurable(make_portal: Any) -> None:
         assert sess["ref"] == "tok"
     with app.test_request_context():
         assert "ref" not in session
+
+
+def test_the_portals_hooks_see_our_cookie_on_the_response(make_portal: Any) -> None:
+    # A portal's after_request hook (here, one that lets shared caches keep pages
+    # without cookies) must see the response as the extension leaves it, wherever it
+    # was registered: a landing page that sets our cookie is never made cacheable.
+    app = make_portal()
+
+    @app.after_request
+    def cache_cookieless_pages(response: Any) -> Any:
+        if not response.headers.getlist("Set-Cookie"):
+            response.headers["Cache-Control"] = "public, max-age=600"
+        return response
+
+    response = app.test_client().get("/page?mmref=tok1")
+    assert cookie_header(response) is not None
+    assert "public" not in response.headers.get("Cache-Control", "")

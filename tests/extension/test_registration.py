@@ -189,3 +189,30 @@ def test_a_player_already_signed_in_is_not_a_referee(
     assert client.get("/signup").status_code == 200
     assert mmolove_sandbox.events == []
     assert app.extensions["mmolove"].outbox.list_events() == []
+
+
+def test_account_code_shared_with_a_job_may_call_set_referee_outside_a_request(
+    make_portal: Any,
+) -> None:
+    # create_account() called from a CLI command or a job: no request, no token,
+    # nothing to report, and no error. (Not pytest-flask's ``app``: it pushes a
+    # request context.)
+    app = make_portal()
+    with app.app_context():
+        set_referee(1234)
+    assert app.extensions["mmolove"].outbox.list_events() == []
+
+
+def test_a_decorated_view_called_as_a_function_outside_a_request_just_runs(
+    make_portal: Any,
+) -> None:
+    app = make_portal()
+
+    @referral_registered
+    def create() -> tuple[str, int]:
+        set_referee("77")
+        return "created", 201
+
+    with app.app_context():
+        assert create() == ("created", 201)
+    assert app.extensions["mmolove"].outbox.list_events() == []
