@@ -106,7 +106,9 @@ def create_app(config: dict[str, Any] | None = None, *, instance_path: str | Non
     db.init_app(app)
     login_manager.init_app(app)
     csrf.init_app(app)
-    mmolove.init_app(app)
+    # The referral tables live in the portal's database, and every referral write in
+    # the transaction of the account or level it is about.
+    mmolove.init_app(app, db=db)
     init_dashboard(app, access_check=operator_only)
     connect_rewards(app)
     app.register_blueprint(bp)

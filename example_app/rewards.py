@@ -8,7 +8,6 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from flask import Flask, current_app
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
 
 from flask_mmolove import Outcome, referrer_credited
 from flask_mmolove.sandbox import INGEST_PATH, TokenError, TokenMinter, derive_token_key
@@ -64,15 +63,17 @@ def referrer_code(token: str) -> str | None:
 
 
 def grant_referral_reward(referee_identity: str, token: str) -> Reward | None:
-    """Grant the referrer's reward for this referee, once; None if it was granted before."""
+    """Grant the referrer's reward for this referee, through ``db.session``.
+
+    Not committed here: flask-mmolove runs this receiver in a transaction of
+    ``db.session`` that also records the credit as announced, and commits both once
+    every receiver has returned (rolls both back if one raises). The reward is granted
+    exactly once without any check of ours, even if the process dies mid-way.
+    """
     try:
         referee_id = int(referee_identity)
     except ValueError:
         logger.warning("referrer_credited for %r, which is not one of our ids", referee_identity)
-        return None
-    if db.session.execute(
-        select(Reward.id).where(Reward.referee_id == referee_id)
-    ).scalar_one_or_none():
         return None
     code = referrer_code(token)
     referrer = None
@@ -95,12 +96,6 @@ def grant_referral_reward(referee_identity: str, token: str) -> Reward | None:
         db.session.execute(
             update(User).where(User.id == referrer.id).values(gold=User.gold + amount)
         )
-    try:
-        db.session.commit()
-    except IntegrityError:
-        # Another delivery of the same credit won the race; it granted the reward.
-        db.session.rollback()
-        return None
     logger.info(
         "referral reward: %d gold to player %s for referee %d",
         amount,

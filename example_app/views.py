@@ -90,12 +90,15 @@ def register() -> ResponseReturnValue:
         user = User(username=username, password_hash=generate_password_hash(password))
         db.session.add(user)
         try:
-            db.session.commit()
+            db.session.flush()
         except IntegrityError:
             db.session.rollback()
             errors["username"] = "That name is taken."
         else:
+            # The atomic order: the account flushed (it has its id), the referral
+            # written in the same transaction, then one commit for both.
             set_referee(user.id)
+            db.session.commit()
             login_user(user)
             flash(f"Welcome to {current_app.config['PORTAL_NAME']}, {user.username}!", "success")
             return redirect(url_for(".play"), 303)
@@ -144,14 +147,15 @@ def play() -> ResponseReturnValue:
     reached = user.level >= milestone and user.reached_milestone_at is None
     if reached:
         user.reached_milestone_at = utcnow()
-    db.session.commit()
-    if reached:
-        # The milestone is MMOLove's "qualified": the extension reports it for a
-        # player who arrived through a share link, and ignores everyone else.
+        # The milestone is MMOLove's "qualified": the extension records it, in this
+        # transaction, for a player who arrived through a share link, and ignores
+        # everyone else. The level and the event commit together.
         player_qualified.send(
             current_app._get_current_object(),  # type: ignore[attr-defined]
             identity=str(user.id),
         )
+    db.session.commit()
+    if reached:
         flash(f"Level {user.level}! You reached the milestone, level {milestone}.", "success")
     elif user.level > before:
         flash(f"Level up: you are level {user.level}.", "success")

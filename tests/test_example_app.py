@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -16,15 +17,14 @@ import pytest
 import requests
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import func, select
+from sqlalchemy import select, text
 from support import wait_for
 
 from example_app import create_app
 from example_app.demo import DemoServer, ensure_admin, main
 from example_app.extensions import db, mmolove
 from example_app.models import Reward, User
-from example_app.rewards import grant_referral_reward
-from flask_mmolove import Outcome, referrer_credited
+from flask_mmolove import referrer_credited
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "correct horse battery"
@@ -219,16 +219,35 @@ def test_reward_is_granted_exactly_once(portal: Flask, mmolove_sandbox: Any) -> 
         quest(client)
     assert user(portal, "bram").level == 5
     assert len(accepted(mmolove_sandbox, "qualified")) == 1
-    token = json.loads(accepted(mmolove_sandbox, "qualified")[0].body)["token"]
+    # The grant committed with the credit's record (db= mode): later passes find
+    # nothing left to announce, and the demo needs no check of its own.
+    assert portal.extensions["mmolove"].deliverer.notify_credits() == 0
+    assert rewards(portal) == [(bram.id, ayla.id, 500)]
+    assert user(portal, "ayla").gold == 500
 
-    # The signal is at least once: a second delivery of the same credit changes nothing.
+
+def test_a_grant_that_fails_is_rolled_back_and_granted_once_later(
+    portal: Flask, mmolove_sandbox: Any
+) -> None:
+    failures = {"left": 1}
+
+    @referrer_credited.connect_via(portal)
+    def game_server_down(sender: Flask, **kwargs: Any) -> None:
+        # Connected after the demo's grant: it runs once the reward is added and fails.
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("the game server did not answer")
+
+    ayla, bram, client = referred_player(portal, mmolove_sandbox)
+    for _ in range(8):
+        quest(client)
+    assert rewards(portal) == []
+    assert user(portal, "ayla").gold == 0
     with portal.app_context():
-        for _ in range(2):
-            referrer_credited.send(
-                portal, identity=str(bram.id), token=token, outcome=Outcome.ADVANCED
-            )
-        assert grant_referral_reward(str(bram.id), token) is None
-        assert db.session.scalar(select(func.count()).select_from(Reward)) == 1
+        db.session.execute(text("UPDATE mmolove_credits SET next_attempt_at = 0"))
+        db.session.commit()
+    assert portal.extensions["mmolove"].deliverer.notify_credits() == 1
+    assert portal.extensions["mmolove"].deliverer.notify_credits() == 0
     assert rewards(portal) == [(bram.id, ayla.id, 500)]
     assert user(portal, "ayla").gold == 500
 
@@ -423,7 +442,11 @@ def test_python_m_example_app_starts_on_a_fresh_instance(tmp_path: Path) -> None
         landing = requests.get(steps[0], timeout=5)
         assert "You were invited by a friend" in landing.text
         assert (tmp_path / "fresh" / "portal.sqlite3").exists()
-        assert (tmp_path / "fresh" / "mmolove.sqlite3").exists()
+        # The referral tables live in the portal's own database (db=db).
+        assert not (tmp_path / "fresh" / "mmolove.sqlite3").exists()
+        with sqlite3.connect(tmp_path / "fresh" / "portal.sqlite3") as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        assert {"players", "mmolove_events", "mmolove_credits"} <= tables
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
