@@ -134,8 +134,15 @@ def ping_command() -> None:
             warn = "  (over a minute: fix this machine's clock)" if abs(skew) > 60 else ""
             click.echo(f"clock skew: {skew:+.0f} s against MMOLove's Date header{warn}")
     if not result.ok:
-        decision = classify(result.status)
-        raise click.ClickException(f"{decision.hint}. MMOLove said: {result.body[:300]}")
+        hint = classify(result.status).hint
+        if result.status == 404:
+            # MMOLove picks the secret by server id: a dry run for a server it does not
+            # know is a 404, however right the secret (protocol.md section 8).
+            hint = (
+                f"MMOLove does not know server {state.settings.server_id!r}: check "
+                f"MMOLOVE_SERVER_ID against the Referrals tab. {hint}"
+            )
+        raise click.ClickException(f"{hint}. MMOLove said: {result.body[:300]}")
 
 
 @mmolove_group.command(

@@ -337,7 +337,8 @@ _REJECT_HINTS: Final = {
     404: (
         "not_found",
         "unknown server or token, or referrals are off: check MMOLOVE_SERVER_ID, enable "
-        "referrals on the Referrals tab, and check the captured token",
+        "referrals on the Referrals tab, check MMOLOVE_ENDPOINT (a wrong path answers 404 "
+        "too) and the captured token",
     ),
     422: ("invalid_transition", "illegal from the referral's state: send registered first"),
 }

@@ -209,11 +209,21 @@ def read_event(
     return _validate(data)
 
 
+def check_server(event: Event, *, server_id: str) -> None:
+    """Raises :class:`Rejected` (404) unless the event names ``server_id``.
+
+    Dry runs too: MMOLove picks the secret by server id, so a dry run for an unknown
+    server cannot pass (protocol.md section 8), and ``flask mmolove ping`` catches a
+    wrong ``MMOLOVE_SERVER_ID``.
+    """
+    if event.server_id != server_id:
+        raise reject(404, "unknown_server", "unknown server")
+
+
 def check_target(event: Event, *, server_id: str, tokens: TokenMinter) -> TokenClaims:
     """The claims of the event's token; raises :class:`Rejected` (404) unless it is live
     and minted for ``server_id``, the server the event names."""
-    if event.server_id != server_id:
-        raise reject(404, "unknown_server", "unknown server")
+    check_server(event, server_id=server_id)
     try:
         return tokens.verify(event.token, server_id)
     except TokenError as exc:

@@ -23,6 +23,7 @@ from .rules import (
     Referral,
     Rejected,
     Reply,
+    check_server,
     check_target,
     dry_run_reply,
     duplicate_reply,
@@ -217,8 +218,10 @@ class SandboxState:
             )
 
     def _decide(self, raw: bytes, signature: str | None, now: float) -> Reply:
-        # Order per protocol.md section 9: signature, JSON, fields, dry run, then state.
+        # Order per protocol.md section 9: signature, JSON, fields, server, dry run, then
+        # state. The server comes before the dry run: it selects the secret (section 8).
         event = read_event(raw, signature, secret=self._secret, tolerance=self.tolerance, now=now)
+        check_server(event, server_id=self.server_id)
         if event.test:
             return dry_run_reply()
         claims = check_target(event, server_id=self.server_id, tokens=self.tokens)

@@ -40,3 +40,38 @@ def test_sandbox_share_link_plants_no_cookie_the_portal_reads(
     # The redirect's ?mmref= is how the portal learns the token.
     location = response.headers["Location"]
     assert client.get(location).get_json() == {"mmref": cookie.value}
+
+
+# --- a wrong server id: ping catches it -----------------------------------------------
+
+
+def run(app: Flask, *args: str) -> Any:
+    result = app.test_cli_runner().invoke(args=["mmolove", *args])
+    secret = app.config.get("MMOLOVE_REFERRAL_SECRET")
+    assert not secret or secret not in result.output
+    return result
+
+
+def test_ping_with_a_wrong_server_id_says_what_to_fix(
+    make_portal: Callable[..., Flask], mmolove_sandbox: Any
+) -> None:
+    # The right secret, a server id MMOLove does not know: the dry run is refused.
+    app = make_portal(MMOLOVE_DELIVERY="worker", MMOLOVE_SERVER_ID="srv-typo")
+    result = run(app, "ping")
+    assert result.exit_code == 1, result.output
+    assert "404" in result.output
+    assert "MMOLOVE_SERVER_ID" in result.output
+    assert "'srv-typo'" in result.output
+    assert "MMOLOVE_ENDPOINT" in result.output
+    assert mmolove_sandbox.events[-1].verdict == "unknown_server"
+
+
+def test_ping_at_a_wrong_path_names_the_endpoint(
+    make_portal: Callable[..., Flask], mmolove_sandbox: Any
+) -> None:
+    wrong = mmolove_sandbox.endpoint.replace("/api/referral/events", "/api/referral/event")
+    app = make_portal(MMOLOVE_DELIVERY="worker", MMOLOVE_ENDPOINT=wrong)
+    result = run(app, "ping")
+    assert result.exit_code == 1, result.output
+    assert "404" in result.output
+    assert "MMOLOVE_ENDPOINT" in result.output

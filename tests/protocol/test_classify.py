@@ -39,6 +39,13 @@ def test_classify_documented_rejections_are_dead(status: int, reason: str) -> No
     assert decision.retry_after is None
 
 
+def test_classify_404_names_the_server_id_and_the_endpoint() -> None:
+    # MMOLove answers 404 for an unknown server, and so does a wrong path.
+    hint = classify(404).hint
+    assert "MMOLOVE_SERVER_ID" in hint
+    assert "MMOLOVE_ENDPOINT" in hint
+
+
 def test_classify_401_retries_slowly() -> None:
     decision = classify(401, retry_after="30")
     assert decision.action is Action.RETRY

@@ -1,7 +1,8 @@
 """The sandbox over real HTTP checks a request as protocol.md says: the signature first
 (header form, secret, exact bytes, a 300-second replay window either way), then the JSON
-and every field of the body; a dry run (``test``) is checked the same way and answers
-without looking anything up or writing anything.
+and every field of the body; a dry run (``test``) is checked the same way, its server
+too (MMOLove picks the secret by it), and answers without looking up the token or
+writing anything.
 """
 
 from __future__ import annotations
@@ -182,9 +183,18 @@ def test_dry_run_answers_test_and_writes_nothing(
     assert real.outcome is Outcome.ADVANCED
 
 
-def test_dry_run_does_not_look_up_the_token_or_server(mmolove_sandbox: SandboxServer) -> None:
-    data = fields(mmolove_sandbox, token="not-a-real-token", server_id="elsewhere", test=True)
+def test_dry_run_does_not_look_up_the_token(mmolove_sandbox: SandboxServer) -> None:
+    data = fields(mmolove_sandbox, token="not-a-real-token", test=True)
     assert post_fields(mmolove_sandbox, data).json() == {"ok": True, "test": True}
+
+
+def test_dry_run_for_an_unknown_server_is_404(mmolove_sandbox: SandboxServer) -> None:
+    # MMOLove picks the secret by server id: a dry run for an unknown server cannot
+    # pass (protocol.md section 8), which is how `flask mmolove ping` catches a wrong id.
+    data = fields(mmolove_sandbox, token="not-a-real-token", server_id="elsewhere", test=True)
+    response = post_fields(mmolove_sandbox, data)
+    assert (response.status_code, response.json()) == (404, {"error": "unknown server"})
+    assert mmolove_sandbox.events[-1].verdict == "unknown_server"
 
 
 def test_malformed_dry_run_is_still_400(mmolove_sandbox: SandboxServer) -> None:
