@@ -84,17 +84,27 @@ def status_command() -> None:
             f"status {event.last_status}, {event.last_reason}: {(event.last_error or '')[:120]}"
         )
     if waiting or stats.dead:
-        click.echo("requeue with: flask mmolove retry ID... (or --all for every dead letter)")
+        click.echo("requeue with: flask mmolove retry ID... (or --all for every undelivered event)")
 
 
 @mmolove_group.command("retry")
 @click.argument("ids", nargs=-1, type=int)
-@click.option("--all", "everything", is_flag=True, help="Requeue every dead letter.")
+@click.option(
+    "--all",
+    "everything",
+    is_flag=True,
+    help="Requeue every undelivered event not in flight: dead letters, events waiting on "
+    "backoff, and events held after a 401.",
+)
 @with_appcontext
 def retry_command(ids: tuple[int, ...], everything: bool) -> None:
-    """Requeue dead letters (or events waiting on backoff) to be sent now."""
+    """Requeue events to be sent now: dead letters, or events waiting on backoff or held
+    after a 401 (say, once MMOLOVE_SERVER_ID or the secret is fixed). Events in flight
+    and delivered ones are left alone; a dead letter starts over at zero attempts."""
     if not ids and not everything:
-        raise click.UsageError("name the event ids to requeue, or pass --all for every dead letter")
+        raise click.UsageError(
+            "name the event ids to requeue, or pass --all for every undelivered event"
+        )
     state, delivery = _require_active()
     requeued = delivery.outbox.requeue(list(ids) if ids else None)
     click.echo(f"requeued {requeued} event(s)")

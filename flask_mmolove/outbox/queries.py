@@ -238,16 +238,18 @@ class Statements:
         return statement
 
     def requeue(self, ids: Sequence[int] | None, now: float) -> sa.Update:
-        """Make due at ``now`` every dead event, or those of ``ids`` that are dead or
-        pending without a live lease; a dead one starts over at zero attempts."""
+        """Make due at ``now`` every undelivered event not in flight (dead, or pending
+        and due later: backing off, or held after a 401), or those of ``ids`` that are
+        dead or pending without a live lease; a dead one starts over at zero attempts."""
         e = self.tables.events
+        waiting = sa.and_(e.c.state == PENDING, unleased(e, now))
         if ids is None:
-            which: sa.ColumnElement[bool] = e.c.state == DEAD
-        else:
-            which = sa.and_(
-                e.c.id.in_(ids),
-                sa.or_(e.c.state == DEAD, sa.and_(e.c.state == PENDING, unleased(e, now))),
+            # Events already due are left as they are: their place in line is kept.
+            which: sa.ColumnElement[bool] = sa.or_(
+                e.c.state == DEAD, sa.and_(waiting, e.c.next_attempt_at > now)
             )
+        else:
+            which = sa.and_(e.c.id.in_(ids), sa.or_(e.c.state == DEAD, waiting))
         return (
             sa.update(e)
             .where(which)

@@ -1,6 +1,8 @@
 """Configuration mistakes that can be undone (issue 14, section 3).
 
 - The sandbox's share link plants no cookie a portal on the same host takes for its own.
+- ``flask mmolove ping`` catches a wrong server id (and a wrong endpoint path).
+- ``flask mmolove retry --all`` requeues every undelivered event not in flight.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from flask import Flask
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 from flask_mmolove.sandbox import create_sandbox_app
+from flask_mmolove.state import get_state
 
 # --- the sandbox's share link on the portal's own origin ------------------------------
 
@@ -75,3 +78,77 @@ def test_ping_at_a_wrong_path_names_the_endpoint(
     assert result.exit_code == 1, result.output
     assert "404" in result.output
     assert "MMOLOVE_ENDPOINT" in result.output
+
+
+# --- retry --all: every undelivered event ---------------------------------------------
+
+
+def register(app: Flask, sandbox: Any, name: str) -> int:
+    """Registers ``name`` through a share-link token; returns its event's id."""
+    client = app.test_client()
+    client.get(f"/register?mmref={sandbox.mint_token(name)}")
+    client.post("/register", data={"name": name})
+    return max(event.id for event in get_state(app).outbox.list_events())  # type: ignore[union-attr]
+
+
+def test_retry_all_requeues_dead_backing_off_and_held_events(
+    make_portal: Callable[..., Flask], mmolove_sandbox: Any
+) -> None:
+    # Backoff long enough that nothing comes due by itself during the test.
+    app = make_portal(MMOLOVE_DELIVERY="worker", MMOLOVE_RETRY_BASE=600, MMOLOVE_RETRY_CAP=600)
+    outbox = get_state(app).outbox
+    assert outbox is not None
+    ids = {}
+    for name, status in (("dead", 404), ("backoff", 503), ("held", 401)):
+        ids[name] = register(app, mmolove_sandbox, name)
+        mmolove_sandbox.fail_next(1, status=status)
+        assert run(app, "worker", "--burst").exit_code == 0
+    ids["in_flight"] = register(app, mmolove_sandbox, "in-flight")
+    assert [e.id for e in outbox.claim("elsewhere", limit=1, lease=600)] == [ids["in_flight"]]
+    ids["delivered"] = register(app, mmolove_sandbox, "delivered")
+    run(app, "worker", "--burst")
+    states = {name: outbox.get(i).state for name, i in ids.items()}  # type: ignore[union-attr]
+    assert states == {
+        "dead": "dead",
+        "backoff": "pending",
+        "held": "pending",
+        "in_flight": "pending",
+        "delivered": "delivered",
+    }
+    sent = len(mmolove_sandbox.events)
+
+    result = run(app, "retry", "--all")
+    assert result.exit_code == 0, result.output
+    assert "requeued 3 event(s)" in result.output
+    run(app, "worker", "--burst")
+    states = {name: outbox.get(i).state for name, i in ids.items()}  # type: ignore[union-attr]
+    assert states == {
+        "dead": "delivered",
+        "backoff": "delivered",
+        "held": "delivered",
+        "in_flight": "pending",  # its lease is another deliverer's
+        "delivered": "delivered",
+    }
+    assert len(mmolove_sandbox.events) == sent + 3
+
+
+def test_retry_help_says_what_all_covers(make_portal: Callable[..., Flask]) -> None:
+    output = " ".join(run(make_portal(), "retry", "--help").output.split())
+    assert "--all" in output
+    for kind in ("dead letters", "waiting on backoff", "held after a 401"):
+        assert kind in output
+
+
+def test_retry_by_id_leaves_the_others_waiting(
+    make_portal: Callable[..., Flask], mmolove_sandbox: Any
+) -> None:
+    app = make_portal(MMOLOVE_DELIVERY="worker", MMOLOVE_RETRY_BASE=600, MMOLOVE_RETRY_CAP=600)
+    first = register(app, mmolove_sandbox, "a")
+    second = register(app, mmolove_sandbox, "b")
+    mmolove_sandbox.fail_next(2, status=503)
+    run(app, "worker", "--burst")
+    assert "requeued 1 event(s)" in run(app, "retry", str(first)).output
+    run(app, "worker", "--burst")
+    outbox = get_state(app).outbox
+    assert outbox is not None
+    assert [outbox.get(i).state for i in (first, second)] == ["delivered", "pending"]  # type: ignore[union-attr]
