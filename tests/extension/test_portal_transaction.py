@@ -328,3 +328,80 @@ def test_credits_granted_through_the_session_commit_with_their_record(
         assert [g.referee for g in db.session.scalars(sa.select(grant_model))] == ["1"]
         notified = db.session.execute(sa.text("SELECT notified_at FROM mmolove_credits")).all()
         assert notified[0][0] is not None
+
+
+def test_a_full_or_failing_outbox_at_the_write_leaves_no_account(
+    portal: Any, mmolove_sandbox: Any, database_uri: str
+) -> None:
+    app, db, user = portal(PROPAGATE_EXCEPTIONS=True)
+    with app.app_context():
+        # The database refuses the event's row, as a full disk or a broken replica would.
+        if database_uri.startswith("sqlite"):
+            db.session.execute(
+                sa.text(
+                    "CREATE TRIGGER outbox_full BEFORE INSERT ON mmolove_events "
+                    "BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END"
+                )
+            )
+        else:
+            db.session.execute(
+                sa.text(
+                    "CREATE FUNCTION outbox_full() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN RAISE EXCEPTION 'could not extend file: No space left'; END $$"
+                )
+            )
+            db.session.execute(
+                sa.text(
+                    "CREATE TRIGGER outbox_full BEFORE INSERT ON mmolove_events "
+                    "FOR EACH ROW EXECUTE FUNCTION outbox_full()"
+                )
+            )
+        db.session.commit()
+    client = app.test_client()
+    token = mmolove_sandbox.mint_token()
+    client.get(f"/register?mmref={token}")
+    with pytest.raises(sa.exc.DBAPIError):
+        client.post("/register", data={"name": "ayla"})
+    assert accounts(app, db, user) == []
+    assert client.get("/register").json == {"mmref": token}
+    with app.app_context():
+        if not database_uri.startswith("sqlite"):
+            db.session.execute(sa.text("DROP TRIGGER outbox_full ON mmolove_events"))
+            db.session.execute(sa.text("DROP FUNCTION outbox_full()"))
+            db.session.commit()
+
+
+@pytest.mark.postgres
+def test_an_outbox_table_locked_past_the_portals_lock_timeout_leaves_no_account(
+    portal_config: dict[str, Any], pg_uri: str, mmolove_sandbox: Any
+) -> None:
+    # A migration or VACUUM FULL holds the outbox's table; the portal's own engine
+    # gives up waiting (its lock_timeout), and the whole registration with it.
+    app, db, ext, user = build(
+        {
+            **portal_config,
+            "PROPAGATE_EXCEPTIONS": True,
+            "SQLALCHEMY_ENGINE_OPTIONS": {"connect_args": {"options": "-c lock_timeout=300"}},
+        },
+        pg_uri,
+    )
+    locker = sa.create_engine(pg_uri)
+    try:
+        client = app.test_client()
+        token = mmolove_sandbox.mint_token()
+        client.get(f"/register?mmref={token}")
+        with locker.connect() as conn, conn.begin():
+            conn.execute(sa.text("LOCK TABLE mmolove_events IN ACCESS EXCLUSIVE MODE"))
+            with pytest.raises(sa.exc.DBAPIError, match="lock timeout"):
+                client.post("/register", data={"name": "ayla"})
+        assert accounts(app, db, user) == []
+        assert client.get("/register").json == {"mmref": token}
+        # The lock gone, the player's next try registers both.
+        assert client.post("/register", data={"name": "ayla"}).status_code == 201
+        assert mmolove_sandbox.accepted_count("registered") == 1
+    finally:
+        locker.dispose()
+        ext.shutdown(app)
+        with app.app_context():
+            db.drop_all()
+            db.engine.dispose()
