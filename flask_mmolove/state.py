@@ -14,7 +14,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import click
 from flask import Flask, current_app
+from flask.cli import ScriptInfo, run_command
 from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 
@@ -133,7 +135,7 @@ def build_state(
     if portal_db is None:
         engine = _engine(settings.database_uri)
         outbox = Outbox(engine, table_prefix=settings.table_prefix, clock=clock)
-        outbox.create_all()
+        outbox.create_all(defer_refusal=_building_for_a_command())
     else:
         url = portal_db.engine.url
         engine = portal_db.engine if in_memory(url) else make_engine(url)
@@ -178,3 +180,21 @@ def _engine(uri: str) -> Engine:
             "MMOLOVE_DATABASE_URI is not a usable SQLAlchemy URL "
             f"(dialect+driver://user:password@host/database): {exc}"
         ) from None
+
+
+def _building_for_a_command() -> bool:
+    """Whether the ``flask`` command is building the app to run a command that serves
+    no request (any but ``flask run``).
+
+    There an outdated outbox refuses its first use rather than ``init_app``: the command
+    may be ``flask mmolove db upgrade`` itself, which the ``flask`` command can only find
+    once the app is built, or ``flask routes`` and the portal's ``flask db upgrade`` in
+    the same deploy step. A WSGI server, ``flask run`` and a test client get the
+    refusal from ``init_app``, before any request.
+    """
+    ctx = click.get_current_context(silent=True)
+    return (
+        ctx is not None
+        and ctx.find_object(ScriptInfo) is not None
+        and ctx.command is not run_command
+    )

@@ -21,10 +21,12 @@ Guarantees, and their limits:
 
 The modules, each importing only those above it: ``values`` (what is stored and handed
 out, limits, checks), ``engine`` (connections, fork safety, transactions, errors),
-``schema`` (the tables), ``queries`` (the SQL), ``store`` (the :class:`Outbox`).
+``schema`` (the tables), ``queries`` (the SQL), ``migrate`` (the schema's version: the
+Alembic migrations in ``migrations/``), ``store`` (the :class:`Outbox`).
 """
 
 from .engine import PG_CONNECT_TIMEOUT, SQLITE_BUSY_TIMEOUT, make_engine
+from .migrate import OutboxOutdated
 from .schema import check_table_prefix
 from .store import Outbox
 from .values import (
@@ -67,6 +69,7 @@ __all__ = [
     "Outbox",
     "OutboxError",
     "OutboxEvent",
+    "OutboxOutdated",
     "Stats",
     "check_table_prefix",
     "make_engine",

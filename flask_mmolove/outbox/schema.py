@@ -1,5 +1,5 @@
-"""The outbox's three tables under a prefix, the one check of that prefix, and their
-creation and removal."""
+"""The outbox's three tables under a prefix, the one check of that prefix, and the lock
+under which they are created, upgraded and dropped (see ``migrate``)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ from dataclasses import dataclass
 from typing import Final
 
 import sqlalchemy as sa
-from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
-from .engine import transaction
 from .values import (
     EVENT_MAX,
     IDENTITY_MAX,
@@ -62,6 +60,10 @@ def make_tables(prefix: str, metadata: sa.MetaData | None = None) -> Tables:
     Declared in ``metadata`` when given (the portal's own, so that its migrations and
     ``create_all`` include them); an app factory run again finds them declared there
     already and gets the same tables.
+
+    A standalone outbox is created by the migrations in ``migrations/versions`` instead,
+    which must build exactly these: a change here needs a new revision there
+    (tests/migrations compares the two).
     """
     p = check_table_prefix(prefix)
     if metadata is None:
@@ -143,38 +145,20 @@ def _declared(prefix: str, metadata: sa.MetaData) -> Tables:
     return Tables(prefix, metadata, events, bindings, credits)
 
 
-def create_all(engine: Engine, tables: Tables) -> None:
-    """Create the tables and indexes that do not exist yet.
+def lock_schema(conn: Connection, prefix: str) -> None:
+    """Make the rest of ``conn``'s transaction a critical section for ``prefix``'s schema.
 
-    Safe when several processes start at once: SQLite's ``BEGIN IMMEDIATE`` and a
-    PostgreSQL advisory lock make the check-then-create a critical section.
+    On SQLite the transaction's ``BEGIN IMMEDIATE`` (see ``engine``) already holds the
+    database's write lock; on PostgreSQL a transaction-scoped advisory lock per prefix
+    serialises processes that check and create or upgrade the tables at once.
     """
-    try:
-        with transaction(engine, tables=tables.names) as conn:
-            _lock_schema(conn, tables.prefix)
-            tables.metadata.create_all(conn, tables=tables.all, checkfirst=True)
-    except (sa_exc.DBAPIError, OutboxError):
-        # Elsewhere, a concurrent creator can win the race between check and
-        # create; that is success as long as the tables are there now.
-        if engine.dialect.name in ("sqlite", "postgresql") or not _exist(engine, tables):
-            raise
-
-
-def drop_all(engine: Engine, tables: Tables) -> None:
-    """Drop the tables and everything in them."""
-    with transaction(engine, tables=tables.names) as conn:
-        _lock_schema(conn, tables.prefix)
-        tables.metadata.drop_all(conn, tables=tables.all, checkfirst=True)
-
-
-def _lock_schema(conn: Connection, prefix: str) -> None:
     if conn.dialect.name == "postgresql":
         digest = hashlib.sha256(f"flask_mmolove:{prefix}".encode()).digest()
         key = int.from_bytes(digest[:8], "big", signed=True)
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
 
 
-def _exist(engine: Engine, tables: Tables) -> bool:
-    with engine.connect() as conn:
-        inspector = sa.inspect(conn)
-        return all(inspector.has_table(name) for name in tables.names)
+def present(conn: Connection, names: tuple[str, ...]) -> tuple[str, ...]:
+    """Those of the tables ``names`` that exist, as ``conn`` sees them."""
+    inspector = sa.inspect(conn)
+    return tuple(name for name in names if inspector.has_table(name))

@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from . import schema
+from . import migrate, schema
 from .engine import CREATE_HINT, explained, transaction
 from .queries import Lease, Statements, insert_if_absent
 from .values import (
@@ -64,6 +64,8 @@ class Outbox:
         self.events = self._tables.events
         self.bindings = self._tables.bindings
         self.credits = self._tables.credits
+        #: Why this outbox refuses every use (an outdated schema), or None.
+        self._refusal: str | None = None
 
     def __repr__(self) -> str:
         url = self.engine.url.render_as_string(hide_password=True)
@@ -71,17 +73,34 @@ class Outbox:
 
     # --- schema -------------------------------------------------------------------
 
-    def create_all(self) -> None:
-        """Create the tables and indexes that do not exist yet.
+    def create_all(self, *, defer_refusal: bool = False) -> None:
+        """Create a fresh outbox at the current schema version, or check the one there.
 
-        Safe when several processes start at once: SQLite's ``BEGIN IMMEDIATE`` and a
-        PostgreSQL advisory lock make the check-then-create a critical section.
+        An outdated one (0.1.0's included) is refused with :class:`OutboxOutdated`
+        naming ``flask mmolove db upgrade``; with ``defer_refusal``, every later use
+        of this Outbox is refused instead, until :meth:`upgrade`. Safe when several
+        processes start at once: SQLite's ``BEGIN IMMEDIATE`` and a PostgreSQL
+        advisory lock make the check-then-create a critical section.
         """
-        schema.create_all(self.engine, self._tables)
+        try:
+            migrate.ensure_current(self.engine, self._tables)
+        except migrate.OutboxOutdated as exc:
+            if not defer_refusal:
+                raise
+            self._refusal = str(exc)
+
+    def upgrade(self) -> tuple[migrate.SchemaVersion, migrate.SchemaVersion]:
+        """Migrate the schema to the current version, events kept; (before, after)."""
+        versions = migrate.upgrade(self.engine, self._tables)
+        self._refusal = None
+        return versions
+
+    def schema_version(self) -> migrate.SchemaVersion:
+        return migrate.read_version(self.engine, self._tables)
 
     def drop_all(self) -> None:
-        """Drop the outbox tables and everything in them (for tests)."""
-        schema.drop_all(self.engine, self._tables)
+        """Drop the outbox tables, everything in them and the schema version (tests)."""
+        migrate.drop_all(self.engine, self._tables)
 
     # --- enqueue ------------------------------------------------------------------
 
@@ -468,6 +487,8 @@ class Outbox:
     # --- plumbing -----------------------------------------------------------------
 
     def _transaction(self, *, read_only: bool = False) -> AbstractContextManager[Connection]:
+        if self._refusal is not None:
+            raise migrate.OutboxOutdated(self._refusal)
         return transaction(
             self.engine,
             read_only=read_only,
