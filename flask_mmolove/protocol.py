@@ -100,6 +100,34 @@ def build_body(
         raise BodyError("extra", f"is not JSON-serialisable: {exc}") from None
 
 
+def with_server_id(body: bytes, server_id: str) -> bytes:
+    """``body`` carrying ``server_id``, every other field unchanged and in its place.
+
+    MMOLove picks the secret by server id, so an event goes with the id in force when
+    it is sent, not the one set when it was written (a typo fixed, an id set after
+    events were held without one). ``body`` itself when it already names that server;
+    otherwise rebuilt as :func:`build_body` writes it (compact JSON, the same key
+    order), to be signed and sent as these exact bytes. A body that is not a JSON
+    object with a ``server_id`` is returned as it is: there is nothing to change.
+    """
+    wanted = _required("server_id", server_id)
+    try:
+        fields = json.loads(body, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return body
+    if not isinstance(fields, dict) or not isinstance(fields.get("server_id"), str):
+        return body
+    if fields["server_id"] == wanted:
+        return body
+    fields["server_id"] = wanted
+    return json.dumps(fields, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
+def _no_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON; a body holding them is left for MMOLove to refuse.
+    raise ValueError(name)
+
+
 # --- signatures -------------------------------------------------------------------
 
 KEY_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}", re.ASCII)

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from ..client import ReferralClient, SendResult, TransportError
 from ..outbox import Credit, Ending, Outbox, OutboxEvent
-from ..protocol import Action, Decision, Outcome, classify
+from ..protocol import Action, Decision, Outcome, classify, with_server_id
 from ..redaction import Redactor
 from ..settings import Settings
 from ..signals import referee_registered, referral_rejected, referrer_credited
@@ -236,7 +236,10 @@ class Deliverer:
 
     def _send(self, event: OutboxEvent) -> Answer:
         try:
-            return self.client.send_body(event.body), None
+            # With the server id in force now, not when the event was written (a typo
+            # since fixed): serialised once for this attempt, signed and sent as is.
+            body = with_server_id(event.body, self.settings.server_id)
+            return self.client.send_body(body), None
         except TransportError as exc:
             return None, str(exc)
         except Exception as exc:

@@ -3,10 +3,13 @@
 - The sandbox's share link plants no cookie a portal on the same host takes for its own.
 - ``flask mmolove ping`` catches a wrong server id (and a wrong endpoint path).
 - ``flask mmolove retry --all`` requeues every undelivered event not in flight.
+- A body carries the server id in force when it is sent: a wrong id fixed, the dead
+  letters retried, they are delivered (proof 9).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -152,3 +155,53 @@ def test_retry_by_id_leaves_the_others_waiting(
     outbox = get_state(app).outbox
     assert outbox is not None
     assert [outbox.get(i).state for i in (first, second)] == ["delivered", "pending"]  # type: ignore[union-attr]
+
+
+# --- proof 9: a wrong server id, fixed, retry --all -----------------------------------
+
+
+def test_proof_9_wrong_server_id_fixed_then_retry_all_delivers(
+    make_portal: Callable[..., Flask], mmolove_sandbox: Any
+) -> None:
+    wrong = make_portal(MMOLOVE_DELIVERY="worker", MMOLOVE_SERVER_ID="srv-typo")
+    first = register(wrong, mmolove_sandbox, "a")
+    second = register(wrong, mmolove_sandbox, "b")
+    assert run(wrong, "worker", "--burst").exit_code == 0
+    outbox = get_state(wrong).outbox
+    assert outbox is not None
+    dead = [outbox.get(i) for i in (first, second)]
+    assert [(e.state, e.last_status) for e in dead] == [("dead", 404)] * 2  # type: ignore[union-attr]
+    assert [r.verdict for r in mmolove_sandbox.events] == ["unknown_server"] * 2
+    stored = {i: outbox.get(i).body for i in (first, second)}  # type: ignore[union-attr]
+
+    # MMOLOVE_SERVER_ID fixed: a restart, the same outbox.
+    fixed = make_portal(MMOLOVE_DELIVERY="worker")
+    result = run(fixed, "retry", "--all")
+    assert "requeued 2 event(s)" in result.output, result.output
+    assert run(fixed, "worker", "--burst").exit_code == 0
+    outbox = get_state(fixed).outbox
+    assert outbox is not None
+    assert [outbox.get(i).state for i in (first, second)] == ["delivered"] * 2  # type: ignore[union-attr]
+    assert mmolove_sandbox.accepted_count("registered") == 2
+    for record in mmolove_sandbox.events[2:]:
+        # The bytes signed are the bytes MMOLove read (it verified them), and they
+        # differ from the stored body only in the server id.
+        assert record.verdict == "advanced"
+        sent = json.loads(record.body)
+        assert sent["server_id"] == mmolove_sandbox.server_id
+        [was] = [json.loads(b) for b in stored.values() if json.loads(b)["token"] == sent["token"]]
+        assert list(sent) == list(was)
+        assert {**was, "server_id": mmolove_sandbox.server_id} == sent
+
+
+def test_a_body_with_the_right_server_id_goes_as_stored(
+    make_portal: Callable[..., Flask], mmolove_sandbox: Any
+) -> None:
+    app = make_portal(MMOLOVE_DELIVERY="worker")
+    event_id = register(app, mmolove_sandbox, "a")
+    outbox = get_state(app).outbox
+    assert outbox is not None
+    stored = outbox.get(event_id).body  # type: ignore[union-attr]
+    run(app, "worker", "--burst")
+    [record] = mmolove_sandbox.events
+    assert (record.verdict, record.body) == ("advanced", stored)

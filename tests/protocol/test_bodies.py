@@ -1,5 +1,6 @@
 """build_body: the exact bytes of each event, field order, trimming, escaping, extras,
-ts, and every field it refuses (a BodyError naming the field). Pure: no network, no Flask.
+ts, and every field it refuses (a BodyError naming the field); with_server_id: the same
+bytes with another server id. Pure: no network, no Flask.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 from protocol_support import T
 
-from flask_mmolove.protocol import FIELD_ORDER, BodyError, build_body
+from flask_mmolove.protocol import FIELD_ORDER, BodyError, build_body, with_server_id
 
 
 def test_build_body_registered_exact_bytes() -> None:
@@ -191,3 +192,63 @@ def test_extra_field_names_must_be_strings() -> None:
             server_event_id="q-1",
             extra={1: "a", "1": "b"},  # type: ignore[dict-item]
         )
+
+
+# --- with_server_id: the server id in force at send ----------------------------------
+
+
+def test_with_server_id_exact_bytes() -> None:
+    body = build_body(
+        "registered",
+        token="tok-abc",
+        server_id="srv-typo",
+        server_event_id="reg-7842",
+        referee_identity='Zoë \u2603 "q"',
+        ts=T,
+        test=True,
+        extra={"campaign": {"name": "spring", "ratio": 0.1, "big": 2**70}, "n": [1, 2.5]},
+    )
+    fixed = with_server_id(body, " srv-1 ")
+    assert fixed == build_body(
+        "registered",
+        token="tok-abc",
+        server_id="srv-1",
+        server_event_id="reg-7842",
+        referee_identity='Zoë \u2603 "q"',
+        ts=T,
+        test=True,
+        extra={"campaign": {"name": "spring", "ratio": 0.1, "big": 2**70}, "n": [1, 2.5]},
+    )
+    assert fixed == (
+        b'{"event":"registered","token":"tok-abc","server_id":"srv-1",'
+        b'"referee_identity":"Zo\\u00eb \\u2603 \\"q\\"","server_event_id":"reg-7842",'
+        b'"ts":1700000000,"test":true,'
+        b'"campaign":{"name":"spring","ratio":0.1,"big":1180591620717411303424},"n":[1,2.5]}'
+    )
+
+
+def test_with_server_id_keeps_the_very_bytes_when_the_id_is_the_same() -> None:
+    # Not re-serialised: a body stored by hand, in another spacing, goes as stored.
+    body = b'{"event": "qualified", "token": "t", "server_id": "srv-1", "ts": 1}'
+    assert with_server_id(body, "srv-1") is body
+
+
+def test_with_server_id_changes_only_the_top_level_server_id() -> None:
+    body = b'{"event":"qualified","server_id":"old","x":{"server_id":"old"},"token":"t"}'
+    assert with_server_id(body, "new") == (
+        b'{"event":"qualified","server_id":"new","x":{"server_id":"old"},"token":"t"}'
+    )
+
+
+@pytest.mark.parametrize(
+    "body", [b"not json", b"[1,2]", b'{"event":"qualified"}', b'{"server_id":7}', b"\xff", b"NaN"]
+)
+def test_with_server_id_leaves_a_body_it_cannot_read_as_it_is(body: bytes) -> None:
+    assert with_server_id(body, "srv-1") is body
+
+
+@pytest.mark.parametrize("server_id", ["", "   ", None, 7])
+def test_with_server_id_refuses_an_unusable_server_id(server_id: Any) -> None:
+    with pytest.raises(BodyError) as info:
+        with_server_id(b'{"server_id":"a"}', server_id)
+    assert info.value.field == "server_id"
