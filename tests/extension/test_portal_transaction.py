@@ -9,6 +9,8 @@ only once its event is committed; a milestone in the registration request counts
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import sqlalchemy as sa
 from flask import Flask, g, request
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from support import wait_for
 
 from flask_mmolove import (
     MMOLove,
@@ -405,3 +408,95 @@ def test_an_outbox_table_locked_past_the_portals_lock_timeout_leaves_no_account(
         with app.app_context():
             db.drop_all()
             db.engine.dispose()
+
+
+def test_plain_sqlalchemy_portals_give_their_scoped_session_and_metadata(
+    portal_config: dict[str, Any], database_uri: str, mmolove_sandbox: Any
+) -> None:
+    from sqlalchemy.orm import scoped_session, sessionmaker
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Account(Base):
+        __tablename__ = "accounts"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    engine = sa.create_engine(database_uri)
+    Session = scoped_session(sessionmaker(engine))
+    app = Flask(__name__)
+    config = {k: v for k, v in portal_config.items() if k != "MMOLOVE_DATABASE_URI"}
+    app.config.update(SECRET_KEY="plain", **config)
+    ext = MMOLove(app, session=Session, metadata=Base.metadata)
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)  # the portal's own tables, and the outbox's
+
+    @app.teardown_appcontext
+    def remove_session(exc: BaseException | None) -> None:
+        Session.remove()
+
+    @app.route("/register", methods=["GET", "POST"])
+    @referral_registered
+    def register() -> Any:
+        if request.method == "GET":
+            return "form"
+        account = Account()
+        Session.add(account)
+        Session.flush()
+        set_referee(account.id)
+        if request.form.get("fail"):
+            Session.rollback()
+            return "refused", 200
+        Session.commit()
+        return "created", 201
+
+    try:
+        client = app.test_client()
+        client.get(f"/register?mmref={mmolove_sandbox.mint_token()}")
+        assert client.post("/register", data={"fail": "1"}).status_code == 200
+        assert stored(app) == []
+        assert client.post("/register").status_code == 201
+        assert stored(app) == ["registered"]
+        assert mmolove_sandbox.accepted_count("registered") == 1
+    finally:
+        ext.shutdown(app)
+        Session.remove()
+        Base.metadata.drop_all(engine)
+        engine.dispose()
+
+
+def test_delivery_starts_after_the_commit_not_before(portal: Any, mmolove_sandbox: Any) -> None:
+    # Thread mode: the delivery thread polls often, but a write the portal has not
+    # committed is invisible to it; once committed, the thread is woken for it.
+    app, db, user = portal(MMOLOVE_DELIVERY="thread", MMOLOVE_POLL_INTERVAL=0.05)
+    committed = threading.Event()
+    may_commit = threading.Event()
+
+    @app.post("/slow-register")
+    @referral_registered
+    def slow_register() -> Any:
+        account = user(name=request.form["name"])
+        db.session.add(account)
+        db.session.flush()
+        set_referee(account.id)
+        committed.set()  # written, not committed
+        assert may_commit.wait(10)
+        db.session.commit()
+        return "created", 201
+
+    client = app.test_client()
+    client.get(f"/register?mmref={mmolove_sandbox.mint_token()}")
+    answered: list[int] = []
+    thread = threading.Thread(
+        target=lambda: answered.append(
+            client.post("/slow-register", data={"name": "ayla"}).status_code
+        )
+    )
+    thread.start()
+    assert committed.wait(10)
+    time.sleep(0.5)  # ten of the thread's polls
+    assert mmolove_sandbox.events == []
+    may_commit.set()
+    thread.join(10)
+    assert answered == [201]
+    wait_for(lambda: mmolove_sandbox.accepted_count("registered") == 1, 10, "the delivery")
