@@ -27,6 +27,7 @@ BENCHMARKS = {
     "throughput": "bench.throughput",
     "scaling": "bench.scaling",
     "profile": "bench.breakdown",
+    "transaction": "bench.transaction",
 }
 DEFAULT_OUT = ROOT / "bench" / "results"
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("overhead", "registration", "throughput", "scaling", "profile")
+BENCHMARKS = ("overhead", "registration", "throughput", "scaling", "profile", "transaction")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
