@@ -10,6 +10,7 @@ from types import FrameType
 import click
 from flask.cli import with_appcontext
 
+from .client import ReferralClient
 from .delivery import PassReport, run_worker
 from .protocol import build_body, classify
 from .state import Delivery, MMOLoveState, get_state
@@ -30,12 +31,33 @@ def _require_active() -> tuple[MMOLoveState, Delivery]:
     return state, state.delivery
 
 
+def _paused(state: MMOLoveState) -> str | None:
+    """Why nothing is sent ("delivery is paused: ... not set"), and what to do; or None."""
+    if state.settings.paused is None:
+        return None
+    them = "them" if len(state.settings.missing) > 1 else "it"
+    return (
+        f"{state.settings.paused}: copy {them} from MMOLove's Referrals tab into the "
+        "environment and start again; the events wait in the outbox meanwhile"
+    )
+
+
+def _require_client() -> tuple[MMOLoveState, Delivery, ReferralClient]:
+    """For the commands that talk to MMOLove: refused, naming the key, while paused."""
+    state, delivery = _require_active()
+    client = delivery.deliverer.client
+    if client is None:
+        raise click.ClickException(_paused(state) or "delivery is paused")
+    return state, delivery, client
+
+
 @mmolove_group.command("worker")
 @click.option("--burst", is_flag=True, help="Deliver what is due now, then exit.")
 @with_appcontext
 def worker_command(burst: bool) -> None:
     """Deliver events from the outbox until stopped (SIGTERM or Ctrl-C finish the pass)."""
-    deliverer = _require_active()[1].deliverer
+    _, delivery, client = _require_client()
+    deliverer = delivery.deliverer
     stopping = False
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -52,7 +74,7 @@ def worker_command(burst: bool) -> None:
             f"credited {report.credited}"
         )
 
-    click.echo(f"mmolove worker {deliverer.owner} delivering to {deliverer.client.endpoint}")
+    click.echo(f"mmolove worker {deliverer.owner} delivering to {client.endpoint}")
     total = run_worker(deliverer, burst=burst, should_stop=lambda: stopping, on_pass=progress)
     click.echo(f"stopped: delivered {total.delivered}, retrying {total.retried}, dead {total.dead}")
 
@@ -65,6 +87,9 @@ def status_command() -> None:
     outbox = delivery.outbox
     stats = outbox.stats()
     age = "-" if stats.oldest_pending_age is None else f"{stats.oldest_pending_age:.0f} s"
+    paused = _paused(state)
+    if paused is not None:
+        click.echo(paused)
     click.echo(f"endpoint:   {state.settings.endpoint}")
     click.echo(f"delivery:   {state.settings.delivery}")
     click.echo(f"pending:    {stats.pending} (in flight {stats.in_flight}, oldest {age})")
@@ -116,8 +141,7 @@ def retry_command(ids: tuple[int, ...], everything: bool) -> None:
 @with_appcontext
 def ping_command() -> None:
     """Send a signed dry run: checks the endpoint, server id, secret and clock."""
-    state, delivery = _require_active()
-    client = delivery.deliverer.client
+    state, _, client = _require_client()
     now = int(time.time())
     body = build_body(
         "registered",
@@ -170,7 +194,7 @@ def sandbox_command(ctx: click.Context) -> None:
 
     settings = get_state().settings
     args = list(ctx.args)
-    if "--server-id" not in args and settings.server_id:
+    if "--server-id" not in args and "MMOLOVE_SERVER_ID" not in settings.missing:
         args += ["--server-id", settings.server_id]
     env = None
     if "--secret" not in args and settings.secret:

@@ -133,5 +133,6 @@ class MMOLove:
         if delivery.background is not None:
             delivery.background.stop(drain=drain)
             process.forget(delivery.background)
-        delivery.deliverer.client.close()
+        if delivery.deliverer.client is not None:
+            delivery.deliverer.client.close()
         delivery.outbox.dispose()

@@ -1,7 +1,9 @@
 """Every ``MMOLOVE_*`` configuration key: its default, and its validation.
 
 Read once, in ``init_app``, into a frozen :class:`Settings`. A bad value fails there,
-with a message that names the key and says what to put in it.
+with a message that names the key and says what to put in it. Missing credentials do
+not: the portal starts (image builds, CI, ``flask db upgrade``), events are kept, and
+delivery waits for them (:attr:`Settings.paused`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from .outbox.schema import check_table_prefix
 from .protocol import DEFAULT_ENDPOINT, check_endpoint, check_key_id
 
 DELIVERY_MODES: Final = ("thread", "worker", "inline")
+#: The keys delivery needs, and nothing else does.
+CREDENTIALS: Final = ("MMOLOVE_SERVER_ID", "MMOLOVE_REFERRAL_SECRET")
+#: What events written while ``MMOLOVE_SERVER_ID`` is unset carry in its place; the
+#: deliverer sends each body with the server id in force then, so this never leaves.
+UNSET_SERVER_ID: Final = "(MMOLOVE_SERVER_ID not set)"
 _NINETY_DAYS: Final = 90 * 24 * 3600
 
 #: key -> default. ``None`` for the server id and secret means "from the environment".
@@ -78,6 +85,17 @@ class Settings:
     poll_interval: float
     drain_timeout: float
     capture: CaptureSettings
+    #: The keys of :data:`CREDENTIALS` not set while enabled: nothing is sent until
+    #: a restart with them. (``server_id`` is then :data:`UNSET_SERVER_ID`.)
+    missing: tuple[str, ...] = ()
+
+    @property
+    def paused(self) -> str | None:
+        """Why delivery is paused ("delivery is paused: ... not set"), or None."""
+        if not self.missing:
+            return None
+        verb = "is" if len(self.missing) == 1 else "are"
+        return f"delivery is paused: {' and '.join(self.missing)} {verb} not set"
 
 
 def _number(config: dict[str, Any], key: str, *, minimum: float = 0.0) -> float:
@@ -151,17 +169,12 @@ def load_settings(app: Flask) -> Settings:
         raise ConfigurationError(
             f"MMOLOVE_REFERRAL_SECRET must be a string, got {type(secret).__name__}"
         )
+    # Missing credentials are not an error here: the portal must start without them
+    # (image builds, CI, migrations); delivery waits for them (state.build_state).
+    given = {"MMOLOVE_SERVER_ID": server_id, "MMOLOVE_REFERRAL_SECRET": secret}
+    missing = tuple(key for key in CREDENTIALS if not given[key]) if enabled else ()
     if enabled and not server_id:
-        raise ConfigurationError(
-            "MMOLOVE_SERVER_ID is not set: copy your server id from MMOLove's Referrals "
-            "tab into app.config or the environment, or set MMOLOVE_ENABLED = False"
-        )
-    if enabled and not secret:
-        raise ConfigurationError(
-            "MMOLOVE_REFERRAL_SECRET is not set: copy the signing secret from MMOLove's "
-            "Referrals tab into the environment (never into code), or set "
-            "MMOLOVE_ENABLED = False"
-        )
+        server_id = UNSET_SERVER_ID
 
     endpoint = _checked(
         "MMOLOVE_ENDPOINT",
@@ -237,4 +250,5 @@ def load_settings(app: Flask) -> Settings:
             session_key=session_key,
             first_touch=_flag(config, "MMOLOVE_FIRST_TOUCH"),
         ),
+        missing=missing,
     )

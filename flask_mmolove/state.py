@@ -123,7 +123,8 @@ def build_state(
     clock: Callable[[], float] = time.time,
     jitter: Callable[[], float] = random.random,
 ) -> MMOLoveState:
-    """The state for ``settings``: the outbox, client and deliverer.
+    """The state for ``settings``: the outbox, client and deliverer (with no client,
+    and no thread, while delivery is paused for missing credentials).
 
     A standalone outbox creates its tables; one in the portal's database (``portal_db``)
     leaves them to the portal's migrations, and reaches the database for delivery
@@ -150,13 +151,23 @@ def build_state(
     # database lives in its one connection: keep that.)
     if not in_memory(engine.url):
         engine.dispose()
-    client = ReferralClient(
-        settings.server_id,
-        settings.secret,
-        settings.endpoint,
-        timeout=settings.timeout,
-        key_id=settings.key_id,
-    )
+    client = None
+    if settings.paused:
+        # The portal starts and events are kept; only sending waits for the credentials.
+        logger.error(
+            "%s: referral events are captured and kept in the outbox, and none is sent. "
+            "Copy the missing value(s) from MMOLove's Referrals tab into the environment "
+            "and restart to send them (or set MMOLOVE_ENABLED = False).",
+            settings.paused,
+        )
+    else:
+        client = ReferralClient(
+            settings.server_id,
+            settings.secret,
+            settings.endpoint,
+            timeout=settings.timeout,
+            key_id=settings.key_id,
+        )
     deliverer = Deliverer(
         app,
         outbox,
@@ -166,7 +177,9 @@ def build_state(
         jitter=jitter,
         portal_session=None if portal_db is None else portal_db.session,
     )
-    background = BackgroundDelivery(deliverer) if settings.delivery == "thread" else None
+    # Paused: no thread at all, rather than one that wakes to send nothing.
+    thread = settings.delivery == "thread" and client is not None
+    background = BackgroundDelivery(deliverer) if thread else None
     return MMOLoveState(settings, Delivery(outbox, deliverer, background), portal_db)
 
 

@@ -114,7 +114,7 @@ class Deliverer:
         self,
         app: Flask,
         outbox: Outbox,
-        client: ReferralClient,
+        client: ReferralClient | None,
         settings: Settings,
         *,
         clock: Callable[[], float] = time.time,
@@ -127,6 +127,7 @@ class Deliverer:
         #: ``referrer_credited``'s receivers share with the credit's record.
         self.portal_session = portal_session
         self.outbox = outbox
+        #: None while delivery is paused (``settings.paused``): then nothing is claimed.
         self.client = client
         self.settings = settings
         self.clock = clock
@@ -146,6 +147,8 @@ class Deliverer:
         self.owner = _new_owner()
         self.outbox.engine.dispose(close=False)
         old = self.client
+        if old is None:
+            return
         self.client = ReferralClient(
             old.server_id,
             self.settings.secret,
@@ -195,6 +198,10 @@ class Deliverer:
     ) -> PassReport:
         settings = self.settings
         total = PassReport()
+        if self.client is None:
+            # Missing credentials: the events wait in the outbox for a restart with them.
+            logger.debug("%s: nothing is claimed", settings.paused)
+            return total
         senders = Senders(self._send, settings.concurrency, should_stop)
         try:
             while True:
@@ -235,11 +242,13 @@ class Deliverer:
             verdict.tell()
 
     def _send(self, event: OutboxEvent) -> Answer:
+        client = self.client
+        assert client is not None, "a paused deliverer claims nothing"
         try:
             # With the server id in force now, not when the event was written (a typo
             # since fixed): serialised once for this attempt, signed and sent as is.
             body = with_server_id(event.body, self.settings.server_id)
-            return self.client.send_body(body), None
+            return client.send_body(body), None
         except TransportError as exc:
             return None, str(exc)
         except Exception as exc:

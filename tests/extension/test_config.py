@@ -52,10 +52,7 @@ def test_server_id_and_secret_fall_back_to_the_environment(
 @pytest.mark.parametrize(
     ("override", "key"),
     [
-        ({"MMOLOVE_SERVER_ID": None}, "MMOLOVE_SERVER_ID"),
-        ({"MMOLOVE_SERVER_ID": "  "}, "MMOLOVE_SERVER_ID"),
-        ({"MMOLOVE_REFERRAL_SECRET": None}, "MMOLOVE_REFERRAL_SECRET"),
-        ({"MMOLOVE_REFERRAL_SECRET": ""}, "MMOLOVE_REFERRAL_SECRET"),
+        ({"MMOLOVE_SERVER_ID": 1234}, "MMOLOVE_SERVER_ID"),
         ({"MMOLOVE_REFERRAL_SECRET": 1234}, "MMOLOVE_REFERRAL_SECRET"),
         ({"MMOLOVE_DELIVERY": "celery"}, "MMOLOVE_DELIVERY"),
         ({"MMOLOVE_ENDPOINT": "ftp://mmolove.com/x"}, "MMOLOVE_ENDPOINT"),
@@ -85,6 +82,38 @@ def test_bad_settings_fail_at_init_app_naming_the_key(
         make({**good, **override}, tmp_path)
     assert key in str(info.value)
     assert "s3cr3t-canary-value" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ({"MMOLOVE_SERVER_ID": None}, "MMOLOVE_SERVER_ID"),
+        ({"MMOLOVE_SERVER_ID": "  "}, "MMOLOVE_SERVER_ID"),
+        ({"MMOLOVE_REFERRAL_SECRET": None}, "MMOLOVE_REFERRAL_SECRET"),
+        ({"MMOLOVE_REFERRAL_SECRET": ""}, "MMOLOVE_REFERRAL_SECRET"),
+    ],
+)
+def test_missing_credentials_pause_delivery_naming_the_key(
+    good: dict[str, Any],
+    tmp_path: Any,
+    override: dict[str, Any],
+    key: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Once refused at init_app; now the portal starts and delivery waits for the key
+    # (tests/extension/test_undoable_config.py has the rest).
+    monkeypatch.delenv("MMOLOVE_SERVER_ID", raising=False)
+    monkeypatch.delenv("MMOLOVE_REFERRAL_SECRET", raising=False)
+    with caplog.at_level("ERROR", logger="flask_mmolove"):
+        app = make({**good, **override}, tmp_path)
+    state = app.extensions["mmolove"]
+    assert state.settings.missing == (key,)
+    assert state.settings.paused == f"delivery is paused: {key} is not set"
+    assert state.deliverer.client is None
+    [record] = caplog.records
+    assert key in record.getMessage()
+    assert "s3cr3t-canary-value" not in record.getMessage()
 
 
 def test_disabled_needs_no_credentials(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,18 +5,27 @@
 - ``flask mmolove retry --all`` requeues every undelivered event not in flight.
 - A body carries the server id in force when it is sent: a wrong id fixed, the dead
   letters retried, they are delivered (proof 9).
+- No credentials: the portal still starts, its commands run, events are held, one
+  ERROR says why; status says delivery is paused, worker and ping refuse in the same
+  words; a restart with the credentials sends the held events (proof 8).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+from click.testing import CliRunner
 from flask import Flask
+from flask.cli import FlaskGroup
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 from flask_mmolove.sandbox import create_sandbox_app
+from flask_mmolove.settings import UNSET_SERVER_ID
 from flask_mmolove.state import get_state
 
 # --- the sandbox's share link on the portal's own origin ------------------------------
@@ -205,3 +214,160 @@ def test_a_body_with_the_right_server_id_goes_as_stored(
     run(app, "worker", "--burst")
     [record] = mmolove_sandbox.events
     assert (record.verdict, record.body) == ("advanced", stored)
+
+
+# --- no credentials: the portal starts, events are held -------------------------------
+
+NO_CREDENTIALS: dict[str, Any] = {"MMOLOVE_SERVER_ID": None, "MMOLOVE_REFERRAL_SECRET": None}
+PAUSED = (
+    "delivery is paused: MMOLOVE_SERVER_ID and MMOLOVE_REFERRAL_SECRET are not set: copy "
+    "them from MMOLove's Referrals tab into the environment and start again"
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_credentials_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The settings fall back to the environment: it must not fill in what a test omits.
+    monkeypatch.delenv("MMOLOVE_SERVER_ID", raising=False)
+    monkeypatch.delenv("MMOLOVE_REFERRAL_SECRET", raising=False)
+
+
+def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("mode", ["thread", "inline", "worker"])
+def test_without_credentials_the_portal_starts_and_holds_events(
+    make_portal: Callable[..., Flask],
+    mmolove_sandbox: Any,
+    caplog: pytest.LogCaptureFixture,
+    mode: str,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="flask_mmolove")
+    ext_app = make_portal(MMOLOVE_DELIVERY=mode, **NO_CREDENTIALS)
+    # One ERROR at init_app, naming both keys and what to do.
+    [error] = errors(caplog)
+    assert "delivery is paused: MMOLOVE_SERVER_ID and MMOLOVE_REFERRAL_SECRET are not set" in (
+        error
+    )
+    assert "Referrals tab" in error
+    state = get_state(ext_app)
+    assert state.deliverer is not None
+    assert state.deliverer.client is None
+    assert state.background is None  # no thread that wakes to send nothing
+    event_id = register(ext_app, mmolove_sandbox, "a")
+    qualified = ext_app.test_client().post("/play/1000")
+    assert qualified.status_code == 200
+    # Written, not sent: no attempt was spent on them.
+    assert state.outbox is not None
+    held = sorted(state.outbox.list_events(), key=lambda e: e.id)
+    assert [(e.event, e.state, e.attempts) for e in held] == [
+        ("registered", "pending", 0),
+        ("qualified", "pending", 0),
+    ]
+    assert json.loads(held[0].body)["server_id"] == UNSET_SERVER_ID
+    assert held[0].id == event_id
+    from flask_mmolove import MMOLove
+
+    assert MMOLove().deliver_now(ext_app) == 0
+    time.sleep(0.3)  # a thread, had one started, would have sent by now
+    assert mmolove_sandbox.events == []
+    assert [e.attempts for e in state.outbox.list_events()] == [0, 0]
+    assert len(errors(caplog)) == 1
+
+
+def test_flask_commands_run_without_credentials(
+    make_portal: Callable[..., Flask], caplog: pytest.LogCaptureFixture
+) -> None:
+    # As `flask --help` and `flask routes` run them in an image build or CI.
+    cli = FlaskGroup(create_app=lambda: make_portal(**NO_CREDENTIALS))
+    for args in (["--help"], ["routes"], ["mmolove", "--help"]):
+        result = CliRunner().invoke(cli, args, catch_exceptions=False)
+        assert result.exit_code == 0, (args, result.output)
+    assert "/register" in CliRunner().invoke(cli, ["routes"]).output
+    assert all("delivery is paused" in e for e in errors(caplog))
+
+
+def test_status_says_paused_and_worker_and_ping_refuse_in_the_same_words(
+    make_portal: Callable[..., Flask], mmolove_sandbox: Any
+) -> None:
+    app = make_portal(MMOLOVE_DELIVERY="worker", **NO_CREDENTIALS)
+    register(app, mmolove_sandbox, "a")
+    status = run(app, "status")
+    assert status.exit_code == 0, status.output
+    assert PAUSED in " ".join(status.output.split())
+    assert "pending:    1" in status.output
+    for command in (["worker"], ["worker", "--burst"], ["ping"]):
+        result = run(app, *command)
+        assert result.exit_code == 1, (command, result.output)
+        assert PAUSED in " ".join(result.output.split()), result.output
+    assert mmolove_sandbox.events == []
+
+
+def test_one_missing_key_is_named_and_the_secret_is_never_shown(
+    make_portal: Callable[..., Flask], mmolove_sandbox: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_portal(MMOLOVE_DELIVERY="worker", MMOLOVE_SERVER_ID=None)
+    secret = mmolove_sandbox.secret
+    [error] = errors(caplog)
+    assert "delivery is paused: MMOLOVE_SERVER_ID is not set" in error
+    assert "MMOLOVE_REFERRAL_SECRET" not in error
+    state = get_state(app)
+    assert state.settings.paused == "delivery is paused: MMOLOVE_SERVER_ID is not set"
+    result = run(app, "worker")
+    assert "delivery is paused: MMOLOVE_SERVER_ID is not set: copy it from" in result.output
+    for text in (error, result.output, run(app, "status").output, repr(state.settings)):
+        assert secret not in text
+
+
+def test_a_paused_deliverer_renews_nothing_after_a_fork(
+    make_portal: Callable[..., Flask],
+) -> None:
+    deliverer = get_state(make_portal(**NO_CREDENTIALS)).deliverer
+    assert deliverer is not None
+    owner = deliverer.owner
+    deliverer.after_fork()
+    assert deliverer.client is None
+    assert deliverer.owner != owner
+
+
+def test_the_sandbox_command_does_not_take_the_stand_in_for_a_server_id(
+    make_portal: Callable[..., Flask], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    given: list[list[str]] = []
+
+    def main(args: list[str], env: Any = None) -> int:
+        given.append(args)
+        return 0
+
+    monkeypatch.setattr("flask_mmolove.sandbox.command.main", main)
+    app = make_portal(**NO_CREDENTIALS)
+    result = app.test_cli_runner().invoke(args=["mmolove", "sandbox", "--port", "0"])
+    assert result.exit_code == 0, result.output
+    assert given == [["--port", "0"]]
+
+
+def test_proof_8_held_without_credentials_delivered_once_they_are_set(
+    make_portal: Callable[..., Flask], mmolove_sandbox: Any
+) -> None:
+    cli = FlaskGroup(create_app=lambda: make_portal(**NO_CREDENTIALS))
+    assert CliRunner().invoke(cli, ["routes"]).exit_code == 0
+    held = make_portal(MMOLOVE_DELIVERY="thread", **NO_CREDENTIALS)
+    event_id = register(held, mmolove_sandbox, "a")
+    outbox = get_state(held).outbox
+    assert outbox is not None
+    assert outbox.get(event_id).state == "pending"  # type: ignore[union-attr]
+    assert mmolove_sandbox.events == []
+
+    # A restart with the credentials (the same outbox): the first request starts the
+    # delivery thread, and the held event goes, with the server id in force now.
+    restarted = make_portal(MMOLOVE_DELIVERY="thread")
+    restarted.test_client().get("/page")
+    deadline = time.monotonic() + 10
+    while outbox.get(event_id).state != "delivered" and time.monotonic() < deadline:  # type: ignore[union-attr]
+        time.sleep(0.02)
+    assert outbox.get(event_id).state == "delivered"  # type: ignore[union-attr]
+    [record] = mmolove_sandbox.events
+    assert record.verdict == "advanced"
+    assert json.loads(record.body)["server_id"] == mmolove_sandbox.server_id
+    assert mmolove_sandbox.accepted_count("registered") == 1
