@@ -12,6 +12,7 @@ from flask.cli import with_appcontext
 
 from .client import ReferralClient
 from .delivery import PassReport, run_worker
+from .outbox import Outbox, OutboxError
 from .protocol import build_body, classify
 from .state import Delivery, MMOLoveState, get_state
 
@@ -200,3 +201,55 @@ def sandbox_command(ctx: click.Context) -> None:
     if "--secret" not in args and settings.secret:
         env = {"MMOLOVE_REFERRAL_SECRET": settings.secret}
     raise SystemExit(main(args, env=env))
+
+
+@mmolove_group.group("db")
+def db_group() -> None:
+    """The standalone outbox's schema: its version, and upgrading it."""
+
+
+def _standalone_outbox() -> Outbox:
+    state = get_state()
+    if state.portal_db is not None:
+        raise click.ClickException(
+            "the outbox tables are the portal's (MMOLove(app, db=db)): its own migrations "
+            "create and change them; run `flask db migrate` and `flask db upgrade` instead"
+        )
+    if state.outbox is None:
+        raise click.ClickException("MMOLOVE_ENABLED is false for this app: no outbox to upgrade.")
+    return state.outbox
+
+
+@db_group.command("upgrade")
+@with_appcontext
+def db_upgrade_command() -> None:
+    """Migrate the outbox's schema to this version's; its events are kept."""
+    outbox = _standalone_outbox()
+    click.echo(f"outbox: {outbox.engine.url.render_as_string(hide_password=True)}")
+    try:
+        before, after = outbox.upgrade()
+    except OutboxError as exc:
+        raise click.ClickException(str(exc)) from None
+    if before.revision == after.revision:
+        click.echo(f"schema already at {after}: nothing to do")
+    else:
+        click.echo(f"schema upgraded from {before} to {after}")
+
+
+@db_group.command("current")
+@with_appcontext
+def db_current_command() -> None:
+    """Show the outbox's schema version, and whether it needs `flask mmolove db upgrade`."""
+    outbox = _standalone_outbox()
+    click.echo(f"outbox: {outbox.engine.url.render_as_string(hide_password=True)}")
+    try:
+        version = outbox.schema_version()
+    except OutboxError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"schema: {version}")
+    if version.current:
+        click.echo("up to date")
+    elif version.known:
+        click.echo(f"behind {version.head}: run `flask mmolove db upgrade`")
+    else:
+        click.echo(f"newer than this flask-mmolove knows (its newest is {version.head})")

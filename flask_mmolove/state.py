@@ -136,7 +136,12 @@ def build_state(
     if portal_db is None:
         engine = _engine(settings.database_uri)
         outbox = Outbox(engine, table_prefix=settings.table_prefix, clock=clock)
-        outbox.create_all(defer_refusal=_building_for_a_command())
+        try:
+            outbox.create_all(defer_refusal=_building_for_a_command())
+        except Exception:
+            # Refused (or unreachable): no pooled connection outlives the failed init_app.
+            engine.dispose()
+            raise
     else:
         url = portal_db.engine.url
         engine = portal_db.engine if in_memory(url) else make_engine(url)
