@@ -21,6 +21,19 @@ from sqlalchemy.engine import Connection, Dialect
 from .schema import Tables
 from .values import DEAD, DELIVERED, PENDING
 
+#: The columns an enqueue writes (the rest start empty).
+EVENT_INSERT: Final = (
+    "event",
+    "token",
+    "identity",
+    "server_event_id",
+    "body",
+    "state",
+    "attempts",
+    "created_at",
+    "next_attempt_at",
+)
+
 # The dialects whose INSERT has ON CONFLICT DO NOTHING.
 _ON_CONFLICT: Final = frozenset({"postgresql", "sqlite"})
 
@@ -85,13 +98,53 @@ class Statements:
         b = self.tables.bindings
         return sa.select(b.c.token).where(b.c.identity == identity)
 
-    def event_id(self, values: Mapping[str, Any]) -> sa.Select[Any]:
-        """The id of the event stored under the key of ``values``."""
+    @cached_property
+    def bound_token_of(self) -> sa.Select[Any]:
+        """The token bound to the parameter ``identity``."""
+        b = self.tables.bindings
+        return sa.select(b.c.token).where(b.c.identity == sa.bindparam("identity"))
+
+    @cached_property
+    def event_id_of(self) -> sa.Select[Any]:
+        """The id of the event stored under the parameters ``token``, ``event`` and
+        ``server_event_id``."""
         e = self.tables.events
         return sa.select(e.c.id).where(
-            e.c.token == values["token"],
-            e.c.event == values["event"],
-            e.c.server_event_id == values["server_event_id"],
+            e.c.token == sa.bindparam("token"),
+            e.c.event == sa.bindparam("event"),
+            e.c.server_event_id == sa.bindparam("server_event_id"),
+        )
+
+    @cached_property
+    def bind(self) -> sa.Insert | None:
+        """Insert the binding (parameters: its columns) unless the identity is bound;
+        returns the token when it inserted. None where the dialect cannot."""
+        return self._insert_returning(
+            self.tables.bindings, ("identity", "token", "bound_at"), ("identity",), "token"
+        )
+
+    @cached_property
+    def insert_event(self) -> sa.Insert | None:
+        """Insert the event (parameters: its columns) unless its key is stored; returns
+        the new id when it inserted. None where the dialect cannot."""
+        return self._insert_returning(
+            self.tables.events, EVENT_INSERT, ("token", "event", "server_event_id"), "id"
+        )
+
+    def _insert_returning(
+        self, table: sa.Table, columns: Sequence[str], key: Sequence[str], returned: str
+    ) -> sa.Insert | None:
+        # One round trip where a row is new (the usual case) instead of an insert and a
+        # read back; on a conflict nothing comes back and the caller reads the row.
+        name = self.dialect.name
+        if name not in _ON_CONFLICT or not self.dialect.insert_returning:
+            return None
+        insert = pg_dialect.insert if name == "postgresql" else sqlite_dialect.insert
+        return (
+            insert(table)
+            .values({column: sa.bindparam(column) for column in columns})
+            .on_conflict_do_nothing(index_elements=list(key))
+            .returning(table.c[returned])
         )
 
     # --- claiming -----------------------------------------------------------------

@@ -129,15 +129,16 @@ class Outbox:
             server_event_id=server_event_id,
             body=body,
         )
-        binding = {"identity": values["identity"], "token": values["token"]}
+        binding = {
+            "identity": values["identity"],
+            "token": values["token"],
+            "bound_at": values["created_at"],
+        }
         with self._transaction_on(connection) as conn:
-            insert_if_absent(
-                conn, self.bindings, {**binding, "bound_at": self.clock()}, ("identity",)
-            )
-            bound = conn.execute(self._sql.bound_token(values["identity"])).scalar_one()
+            bound = self._bind(conn, binding)
             if bound != values["token"]:
-                return str(bound), None
-            return str(bound), self._enqueue(conn, values)
+                return bound, None
+            return bound, self._enqueue(conn, values)
 
     def enqueue(
         self,
@@ -188,9 +189,24 @@ class Outbox:
             "next_attempt_at": now,
         }
 
+    def _bind(self, conn: Connection, binding: Mapping[str, Any]) -> str:
+        """Bind the identity unless it is bound (first touch); the token it is bound to."""
+        insert = self._sql.bind
+        if insert is None:
+            insert_if_absent(conn, self.bindings, binding, ("identity",))
+        elif conn.execute(insert, binding).first() is not None:
+            return str(binding["token"])
+        return str(conn.execute(self._sql.bound_token_of, binding).scalar_one())
+
     def _enqueue(self, conn: Connection, values: Mapping[str, Any]) -> int:
-        insert_if_absent(conn, self.events, values, ("token", "event", "server_event_id"))
-        found = conn.execute(self._sql.event_id(values)).scalar_one_or_none()
+        insert = self._sql.insert_event
+        if insert is None:
+            insert_if_absent(conn, self.events, values, ("token", "event", "server_event_id"))
+        else:
+            new = conn.execute(insert, values).scalar_one_or_none()
+            if new is not None:
+                return int(new)
+        found = conn.execute(self._sql.event_id_of, values).scalar_one_or_none()
         if found is None:
             raise OutboxError("the event was neither stored nor found; see the database log")
         return int(found)
