@@ -163,6 +163,15 @@ class DemoServer:
         instance = self.instance_path or self.environ.get(INSTANCE_ENV) or None
         portal = create_app(config, instance_path=instance)
         self.portal = portal
+        missing = get_state(portal).settings.missing
+        if missing and not self.sandboxed:
+            # The portal itself would start and hold its events; the demo's walkthrough
+            # needs a working delivery, so it says what is missing instead.
+            raise ConfigurationError(
+                "; ".join(f"{key} is not set" for key in missing)
+                + ": the demo reports to MMOLOVE_ENDPOINT with them. Set them in the "
+                "environment, or unset MMOLOVE_ENDPOINT to use the demo's own sandbox"
+            )
         admin = ensure_admin(portal, self.admin_password)
         self.admin_code = admin.share_code
         with portal.app_context():
