@@ -66,7 +66,7 @@ class RequestWork:
         #: The identity ``set_referee()`` named, for ``@referral_registered``.
         self.referee: object = None
         #: Writes waiting for the response, each with what to do if it succeeds.
-        self.writes: list[tuple[Write, Callable[[], None] | None]] = []
+        self.writes: list[tuple[Write, Callable[[], None] | None, str]] = []
         #: The token let go when its account was bound, until the response is final.
         self.forgotten: str | None = None
         #: Referees bound in this request and the token each is bound to, before the
@@ -90,20 +90,27 @@ def current_work() -> RequestWork | None:
     return work
 
 
-def write(state: MMOLoveState, write: Write, *, then: Callable[[], None] | None = None) -> None:
+def write(
+    state: MMOLoveState,
+    write: Write,
+    *,
+    then: Callable[[], None] | None = None,
+    again: str = "",
+) -> None:
     """Run an outbox write: in the portal's transaction at once, or (standalone) with
     the request's successful response, or now when no response will come.
 
     ``then`` (forgetting the token) runs once the write is known to go ahead: after
     the portal's commit, or with a successful response, early enough to reach the
-    session and the cookie.
+    session and the cookie. ``again`` is the command that writes it again, for the
+    log should a standalone write fail after the response.
     """
     if state.portal_db is not None:
         _write_in_portal_transaction(state, state.portal_db, write, then)
         return
     work = current_work()
     if work is not None and work.responding:
-        work.writes.append((write, then))
+        work.writes.append((write, then, again))
         return
     event_id = write(None)
     if then is not None:
@@ -195,7 +202,7 @@ def install(app: Flask, state: MMOLoveState) -> None:
         if work.writes and failed:
             _discard(work, response.status_code)
         elif work.writes:
-            for _, then in work.writes:
+            for _, then, _ in work.writes:
                 if then is not None:
                     then()
         if failed and work.forgotten is not None:
@@ -233,16 +240,22 @@ def _finished(sender: Flask, response: Response, **extra: object) -> None:
     writes, work.writes = work.writes, []
     state = get_state(sender)
     ids = []
-    for write_event, _ in writes:
+    for write_event, _, again in writes:
         try:
             event_id = write_event(None)
-        except Exception:
+        except Exception as exc:
             # The portal's own work is done and answered; failing the request now
-            # would tell the player it was not. Say loudly what was lost.
-            logger.exception(
-                "could not write a referral event to the outbox at %s; the event is lost "
-                "unless the request's work is repeated",
+            # would tell the player it was not. Say loudly what was lost, and how to
+            # write it again. (With db=, the event commits with the portal's work.)
+            logger.error(
+                "could not write a referral event to the outbox at %s (%s: %s): the "
+                "portal's work is committed without it. Once the outbox works, write it "
+                "again with: %s",
                 state.outbox,
+                type(exc).__name__,
+                exc,
+                again,
+                exc_info=True,
             )
             continue
         if event_id is not None:

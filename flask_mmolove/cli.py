@@ -1,4 +1,5 @@
-"""``flask mmolove ...``: run a worker, look at the outbox, requeue, ping, sandbox."""
+"""``flask mmolove ...``: run a worker, look at the outbox, requeue, write an event
+again, ping, sandbox, and the standalone outbox's schema."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .client import ReferralClient
 from .delivery import PassReport, run_worker
 from .outbox import Outbox, OutboxError
 from .protocol import build_body, classify
+from .referrals import record_qualification, record_registration
 from .state import Delivery, MMOLoveState, get_state
 
 #: A dry run needs a token-shaped value; whether MMOLove looks it up is not documented.
@@ -22,7 +24,7 @@ PING_TOKEN = "flask-mmolove-ping"  # noqa: S105 - not a secret
 
 @click.group("mmolove")
 def mmolove_group() -> None:
-    """MMOLove referral delivery: worker, status, retry, ping, sandbox."""
+    """MMOLove referral delivery: worker, status, retry, enqueue, ping, sandbox, db."""
 
 
 def _require_active() -> tuple[MMOLoveState, Delivery]:
@@ -136,6 +138,48 @@ def retry_command(ids: tuple[int, ...], everything: bool) -> None:
     click.echo(f"requeued {requeued} event(s)")
     if requeued:
         state.dispatch(list(ids) if ids else None)
+
+
+@mmolove_group.command("enqueue")
+@click.argument("event", type=click.Choice(["registered", "qualified"]))
+@click.option("--identity", required=True, help="The referee's stable id (as set_referee).")
+@click.option(
+    "--token",
+    help="The referral token; required for registered, for qualified the bound one if not given.",
+)
+@click.option("--server-event-id", help="qualified only: the id the portal gave it, if any.")
+@with_appcontext
+def enqueue_command(
+    event: str, identity: str, token: str | None, server_event_id: str | None
+) -> None:
+    """Write an event again that a failed write lost (the ERROR log gives the command).
+
+    Idempotent: an event stored already is not stored twice, and MMOLove dedups what
+    it received already.
+    """
+    state, _ = _require_active()
+    if event == "registered":
+        if token is None:
+            raise click.UsageError("registered needs --token: the token the referee came with")
+        if server_event_id is not None:
+            raise click.UsageError("--server-event-id is for qualified only")
+        written = record_registration(identity, token=token)
+    else:
+        try:
+            written = record_qualification(identity, token=token, server_event_id=server_event_id)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+    if not written:
+        raise click.ClickException(
+            f"nothing written: {identity!r} is not a referee of this portal (no token bound "
+            "to it); pass --token to name the token"
+            if event == "qualified"
+            else f"nothing written: {identity!r} cannot be a referee identity"
+        )
+    if state.portal_db is not None:
+        # Outside a request the write waits in the portal's session: commit it.
+        state.portal_db.commit()
+    click.echo(f"{event} of referee {identity} is in the outbox")
 
 
 @mmolove_group.command("ping")

@@ -67,14 +67,21 @@ def set_referee(identity: object) -> None:
         record_registration(identity)
 
 
-def record_registration(identity: object, *, app: Flask | None = None) -> bool:
-    """Bind the pending token to ``identity`` and enqueue ``registered``.
+def record_registration(
+    identity: object, *, token: str | None = None, app: Flask | None = None
+) -> bool:
+    """Bind the pending token (or ``token``) to ``identity`` and enqueue ``registered``.
 
     Returns False (and keeps the token pending) when there is nothing to do yet.
+    ``token`` is for an operator sending again what a failed write lost
+    (``flask mmolove enqueue``); a request's own token is let go once its event is
+    written.
     """
     state = get_state(app)
     delivery = state.active()
-    token = g.get("mmref")
+    pending = token is None
+    if token is None:
+        token = g.get("mmref")
     if delivery is None or token is None:
         return False
     referee = normalize_identity(identity)
@@ -116,7 +123,12 @@ def record_registration(identity: object, *, app: Flask | None = None) -> bool:
     work = _request.current_work()
     if work is not None:
         work.bound.setdefault(referee, token)
-    _request.write(state, write, then=lambda: _request.forget_token(state, committed=committed))
+    _request.write(
+        state,
+        write,
+        then=(lambda: _request.forget_token(state, committed=committed)) if pending else None,
+        again=f"flask mmolove enqueue registered --identity {referee} --token {token}",
+    )
     return True
 
 
@@ -257,7 +269,10 @@ def record_qualification(
             connection=connection,
         )
 
-    _request.write(state, write)
+    again = f"flask mmolove enqueue qualified --identity {referee} --token {bound}"
+    if server_event_id is not None:
+        again += f" --server-event-id {event_id}"
+    _request.write(state, write, again=again)
     return True
 
 

@@ -151,14 +151,40 @@ def test_disabled_extension_captures_but_records_nothing(
     assert "MMOLOVE_ENABLED is false" in caplog.text
 
 
-def test_outbox_failure_is_logged_and_the_response_stands(
+def test_a_lost_standalone_write_is_logged_with_the_command_that_writes_it_again(
     client: Any, app: Flask, mmolove_sandbox: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     client.get(f"/page?mmref={mmolove_sandbox.mint_token()}")
-    app.extensions["mmolove"].outbox.drop_all()
-    assert client.post("/register", data={"name": "ayla"}).status_code == 302
-    assert "could not write a referral event to the outbox" in caplog.text
+    outbox = app.extensions["mmolove"].outbox
+    outbox.drop_all()
+    with caplog.at_level(logging.ERROR, logger="flask_mmolove"):
+        # The portal's work is done: the response stands.
+        assert client.post("/register", data={"name": "ayla"}).status_code == 302
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    message = errors[0].getMessage()
+    assert "could not write a referral event to the outbox" in message
     assert mmolove_sandbox.secret not in caplog.text
+    command = message.rsplit("write it again with: ", 1)[1]
+    assert command.startswith("flask mmolove enqueue registered --identity 1000 --token ")
+    # Once the outbox works again, the operator's command sends it.
+    outbox.create_all()
+    result = app.test_cli_runner().invoke(args=command.split()[1:])
+    assert result.exit_code == 0, result.output
+    assert [(r.event, r.verdict) for r in mmolove_sandbox.events] == [("registered", "advanced")]
+    # And again changes nothing: idempotent here and at MMOLove.
+    assert app.test_cli_runner().invoke(args=command.split()[1:]).exit_code == 0
+    assert mmolove_sandbox.accepted_count("registered") == 1
+
+
+def test_enqueue_refuses_what_it_cannot_write(app: Flask) -> None:
+    runner = app.test_cli_runner()
+    result = runner.invoke(args=["mmolove", "enqueue", "registered", "--identity", "7"])
+    assert result.exit_code == 2
+    assert "needs --token" in result.output
+    result = runner.invoke(args=["mmolove", "enqueue", "qualified", "--identity", "nobody"])
+    assert result.exit_code == 1
+    assert "not a referee of this portal" in result.output
 
 
 def test_a_player_already_signed_in_is_not_a_referee(
