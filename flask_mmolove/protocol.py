@@ -100,15 +100,18 @@ def build_body(
         raise BodyError("extra", f"is not JSON-serialisable: {exc}") from None
 
 
-def with_server_id(body: bytes, server_id: str) -> bytes:
-    """``body`` carrying ``server_id``, every other field unchanged and in its place.
+def with_server_id(body: bytes, server_id: str, *, test: bool | None = None) -> bytes:
+    """``body`` as it goes on this attempt: carrying ``server_id`` and, when ``test`` is
+    given, marked a dry run (``"test": true``) or not (no ``test`` field); every other
+    field unchanged and in its place.
 
     MMOLove picks the secret by server id, so an event goes with the id in force when
     it is sent, not the one set when it was written (a typo fixed, an id set after
-    events were held without one). ``body`` itself when it already names that server;
-    otherwise rebuilt as :func:`build_body` writes it (compact JSON, the same key
-    order), to be signed and sent as these exact bytes. A body that is not a JSON
-    object with a ``server_id`` is returned as it is: there is nothing to change.
+    events were held without one); likewise with the test mode in force. ``body``
+    itself when nothing changes; otherwise rebuilt as :func:`build_body` writes it
+    (compact JSON, the same key order, ``test`` last), to be signed and sent as these
+    exact bytes. A body that is not a JSON object with a ``server_id`` is returned as
+    it is: there is nothing to change.
     """
     wanted = _required("server_id", server_id)
     try:
@@ -117,9 +120,14 @@ def with_server_id(body: bytes, server_id: str) -> bytes:
         return body
     if not isinstance(fields, dict) or not isinstance(fields.get("server_id"), str):
         return body
-    if fields["server_id"] == wanted:
+    retest = test is not None and (fields.get("test") is True) != test
+    if fields["server_id"] == wanted and not retest:
         return body
     fields["server_id"] = wanted
+    if retest:
+        fields.pop("test", None)
+        if test:
+            fields["test"] = True
     return json.dumps(fields, separators=(",", ":"), allow_nan=False).encode("ascii")
 
 

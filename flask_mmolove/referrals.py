@@ -100,7 +100,6 @@ def record_registration(
         server_id=state.settings.server_id,
         server_event_id=f"reg-{referee}",
         referee_identity=referee,
-        test=state.settings.test_mode,
     )
 
     def write(connection: Connection | None) -> int | None:
@@ -256,7 +255,6 @@ def record_qualification(
         token=bound,
         server_id=state.settings.server_id,
         server_event_id=event_id,
-        test=state.settings.test_mode,
     )
 
     def write(connection: Connection | None) -> int | None:

@@ -8,8 +8,9 @@
 """
 
 from .background import BackgroundDelivery
-from .deliverer import Deliverer, PassReport, backoff_delay
+from .deliverer import Deliverer, PassReport
 from .loop import run_worker
+from .verdicts import backoff_delay
 
 __all__ = [
     "BackgroundDelivery",

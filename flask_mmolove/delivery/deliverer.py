@@ -6,34 +6,28 @@ module only carries it out: record it in the outbox, then tell the portal by sig
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import os
 import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
 
 from flask import Flask
 from sqlalchemy.orm import Session
 
 from ..client import ReferralClient, SendResult, TransportError
-from ..outbox import Credit, Ending, Outbox, OutboxEvent
-from ..protocol import Action, Decision, Outcome, classify, with_server_id
+from ..outbox import Credit, Outbox, OutboxEvent
+from ..protocol import Outcome, with_server_id
 from ..redaction import Redactor
 from ..settings import Settings
-from ..signals import referee_registered, referral_rejected, referrer_credited
+from ..signals import referrer_credited
 from . import process
 from ._senders import Answer, Senders
+from .verdicts import Judge
 
 logger = logging.getLogger("flask_mmolove")
-
-#: The jitter factor's range: a delay is its nominal value times [0.75, 1.25).
-JITTER_LOW: Final = 0.75
-JITTER_SPAN: Final = 0.5
 
 
 @dataclass
@@ -42,6 +36,8 @@ class PassReport:
 
     claimed: int = 0
     delivered: int = 0
+    #: Passed as dry runs (``MMOLOVE_TEST_MODE``): held until test mode is off.
+    tested: int = 0
     retried: int = 0
     dead: int = 0
     credited: int = 0
@@ -51,6 +47,7 @@ class PassReport:
     def __iadd__(self, other: PassReport) -> PassReport:
         self.claimed += other.claimed
         self.delivered += other.delivered
+        self.tested += other.tested
         self.retried += other.retried
         self.dead += other.dead
         self.credited += other.credited
@@ -60,46 +57,7 @@ class PassReport:
     @property
     def settled_undelivered(self) -> bool:
         """Every claimed event went back to wait (or died): nothing more is due now."""
-        return self.claimed == self.retried + self.dead + self.released
-
-
-def backoff_delay(
-    attempts: int, decision: Decision, settings: Settings, jitter: Callable[[], float]
-) -> float:
-    """Seconds to wait before the next attempt, after ``attempts`` attempts so far.
-
-    Exponential from ``MMOLOVE_RETRY_BASE``, doubling, capped at ``MMOLOVE_RETRY_CAP``,
-    each multiplied by a jitter factor in [0.75, 1.25) so that a crowd of events
-    failed together does not come back together. Answers that need a person
-    (401, redirects) wait ``MMOLOVE_SLOW_RETRY``. ``Retry-After`` is a floor.
-    """
-    if decision.slow:
-        nominal = settings.slow_retry
-        cap = settings.slow_retry * (JITTER_LOW + JITTER_SPAN)
-    else:
-        # 2.0 ** 1024 overflows; long before that any positive base has met the cap.
-        exponent = attempts - 1
-        growth = settings.retry_base * 2.0**exponent if exponent < 1024 else math.inf
-        nominal = min(settings.retry_cap, growth)
-        cap = settings.retry_cap
-    delay = min(cap, nominal * (JITTER_LOW + JITTER_SPAN * jitter()))
-    if decision.retry_after is not None:
-        delay = max(delay, decision.retry_after)
-    return delay
-
-
-@dataclass(frozen=True)
-class _Verdict:
-    """An answer judged: how its event ends, which ``PassReport`` count it adds to,
-    and what to log and signal once the ending is recorded."""
-
-    ending: Ending
-    count: Literal["delivered", "retried", "dead", "released"]
-    tell: Callable[[], None]
-
-
-def _nothing() -> None:
-    pass
+        return self.claimed == self.tested + self.retried + self.dead + self.released
 
 
 def _new_owner() -> str:
@@ -133,7 +91,8 @@ class Deliverer:
         self.clock = clock
         self.jitter = jitter
         self.owner = _new_owner()
-        self._scrub = Redactor(settings.secret)
+        self._dry_runs_released = False
+        self._judge = Judge(settings, clock, jitter, Redactor(settings.secret), self._emit)
         process.renew_after_fork(self)
 
     def after_fork(self) -> None:
@@ -202,6 +161,11 @@ class Deliverer:
             # Missing credentials: the events wait in the outbox for a restart with them.
             logger.debug("%s: nothing is claimed", settings.paused)
             return total
+        if not settings.test_mode and not self._dry_runs_released:
+            # Test mode was on (here or in an earlier run): what passed as a dry run
+            # is held, and goes for real now, once.
+            self.outbox.release_dry_runs()
+            self._dry_runs_released = True
         senders = Senders(self._send, settings.concurrency, should_stop)
         try:
             while True:
@@ -247,7 +211,7 @@ class Deliverer:
         try:
             # With the server id in force now, not when the event was written (a typo
             # since fixed): serialised once for this attempt, signed and sent as is.
-            body = with_server_id(event.body, self.settings.server_id)
+            body = with_server_id(event.body, self.settings.server_id, test=self.settings.test_mode)
             return client.send_body(body), None
         except TransportError as exc:
             return None, str(exc)
@@ -257,106 +221,6 @@ class Deliverer:
             # (and the other sends) carry on.
             logger.exception("event %d: sending failed unexpectedly", event.id)
             return None, f"{type(exc).__name__}: {exc}"
-
-    def _judge(self, event: OutboxEvent, answer: Answer | None) -> _Verdict:
-        """What MMOLove's answer (or its absence) means for ``event``, decided before
-        anything is recorded; ``tell`` logs it and signals it once it is."""
-        if answer is None:
-            # Claimed but never sent: back, due now, its last answer unchanged.
-            ending = Ending.retry(
-                event.id,
-                at=self.clock(),
-                status=event.last_status,
-                reason=event.last_reason or "not_sent",
-                error=event.last_error or "not sent: the deliverer stopped first",
-            )
-            return _Verdict(ending, "released", _nothing)
-        result, error = answer
-        status = result.status if result is not None else None
-        decision = classify(
-            status, retry_after=result.headers.get("Retry-After") if result is not None else None
-        )
-        # MMOLove's answer is kept and handed to signals; should it ever echo the
-        # secret (a proxy's error page, a debug answer), the secret goes no further.
-        text = self._scrub(result.body if result is not None else (error or ""))
-        if result is not None and result.body != text:
-            result = dataclasses.replace(result, body=text)
-        if decision.action is Action.DELIVERED:
-            assert result is not None
-            assert result.outcome is not None
-            return self._delivered(event, result, result.outcome, text)
-        if decision.action is Action.RETRY:
-            delay = backoff_delay(event.attempts, decision, self.settings, self.jitter)
-            due = self.clock() + delay
-            if due <= event.created_at + self.settings.max_age:
-
-                def retried() -> None:
-                    log = logger.error if decision.slow else logger.warning
-                    log(
-                        "event %d (%s) attempt %d: %s; next attempt in %.1f s",
-                        event.id,
-                        event.event,
-                        event.attempts,
-                        decision.hint,
-                        delay,
-                    )
-
-                ending = Ending.retry(
-                    event.id, at=due, status=status, reason=decision.reason, error=text
-                )
-                return _Verdict(ending, "retried", retried)
-            decision = Decision(
-                Action.DEAD,
-                "expired",
-                f"still undelivered after MMOLOVE_MAX_AGE ({self.settings.max_age:g} s); "
-                f"last answer: {decision.hint}. Requeue with `flask mmolove retry`",
-            )
-
-        def died() -> None:
-            logger.error(
-                "event %d (%s) dead-lettered after %d attempt(s): %s (status %s)",
-                event.id,
-                event.event,
-                event.attempts,
-                decision.hint,
-                status,
-            )
-            self._emit(
-                referral_rejected,
-                identity=event.identity,
-                token=event.token,
-                event=event.event,
-                event_id=event.id,
-                status=status,
-                error=text,
-                hint=decision.hint,
-            )
-
-        ending = Ending.dead(event.id, status=status, reason=decision.reason, error=text)
-        return _Verdict(ending, "dead", died)
-
-    def _delivered(
-        self, event: OutboxEvent, result: SendResult, outcome: Outcome, text: str
-    ) -> _Verdict:
-        def accepted() -> None:
-            logger.info("event %d (%s) accepted: %s", event.id, event.event, outcome.value)
-            if event.event == "registered":
-                self._emit(
-                    referee_registered,
-                    identity=event.identity,
-                    token=event.token,
-                    result=result,
-                    outcome=outcome,
-                )
-
-        ending = Ending.delivered(
-            event.id,
-            status=result.status,
-            response=text,
-            outcome=outcome.value,
-            credit=event.event == "qualified" and outcome is not Outcome.FIRST_TOUCH_CONFLICT,
-        )
-        return _Verdict(ending, "delivered", accepted)
 
     def notify_credits(self) -> int:
         """Send ``referrer_credited`` for every credit not yet announced."""

@@ -19,7 +19,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Dialect
 
 from .schema import Tables
-from .values import DEAD, DELIVERED, PENDING
+from .values import DEAD, DELIVERED, DRY_RUN, PENDING
 
 #: The columns an enqueue writes (the rest start empty).
 EVENT_INSERT: Final = (
@@ -160,8 +160,25 @@ class Statements:
         older = e.alias("older")
         return (
             sa.exists()
-            .where(older.c.token == e.c.token, older.c.state == PENDING, older.c.id < e.c.id)
+            .where(
+                older.c.token == e.c.token,
+                older.c.state == PENDING,
+                older.c.id < e.c.id,
+                # Held after a dry run: sent for real before the younger one is, once
+                # test mode is off and it is released; a dry run needs no order.
+                older.c.outcome.is_(None),
+            )
             .correlate(e)
+        )
+
+    @cached_property
+    def release_dry_runs(self) -> sa.Update:
+        """Make the events held after a dry run due at the parameter ``now``."""
+        e = self.tables.events
+        return (
+            sa.update(e)
+            .where(e.c.state == PENDING, e.c.outcome == DRY_RUN)
+            .values(next_attempt_at=sa.bindparam("now"), outcome=None)
         )
 
     @cached_property

@@ -373,6 +373,13 @@ class Outbox:
         ending = Ending.dead(event_id, status=status, reason=reason, error=error)
         return event_id in self.settle(owner, [ending])
 
+    def release_dry_runs(self) -> int:
+        """Make every event held after a dry run due now, to be sent for real (test
+        mode is off); return how many."""
+        with self._transaction() as conn:
+            done = conn.execute(self._sql.release_dry_runs, {"now": self.clock()})
+            return int(done.rowcount)
+
     def requeue(self, ids: Sequence[int] | None = None) -> int:
         """Make events due now; return how many changed.
 

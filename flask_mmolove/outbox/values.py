@@ -12,6 +12,10 @@ PENDING: Final = "pending"
 DELIVERED: Final = "delivered"
 DEAD: Final = "dead"
 STATES: Final = (PENDING, DELIVERED, DEAD)
+#: The outcome of a pending event whose dry run passed (``MMOLOVE_TEST_MODE``).
+DRY_RUN: Final = "test"
+#: When a held event is due: never, until it is released.
+HELD: Final = 1e15
 
 TOKEN_MAX: Final = 512
 IDENTITY_MAX: Final = 255
@@ -128,6 +132,22 @@ class Ending:
                 "last_status": status,
                 "last_reason": _clip(reason, REASON_MAX),
                 "last_error": _clip(error, TEXT_MAX),
+            },
+        )
+
+    @classmethod
+    def dry_run_passed(cls, event_id: int, *, status: int, response: str) -> Ending:
+        """MMOLove accepted a dry run of it: held (pending, never due) until test mode
+        is off, when :meth:`Outbox.release_dry_runs` makes it due for real."""
+        return cls(
+            int(event_id),
+            {
+                "next_attempt_at": HELD,
+                "last_status": status,
+                "last_reason": None,
+                "last_error": None,
+                "response": _clip(response, TEXT_MAX),
+                "outcome": DRY_RUN,
             },
         )
 

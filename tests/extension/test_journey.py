@@ -205,3 +205,36 @@ def test_identity_from_async_view_and_callable(
     assert client.post(route, data={"id": "p-77"}).status_code == 201
     [reg] = accepted(mmolove_sandbox, "registered")
     assert json.loads(reg.body)["referee_identity"] == "p-77"
+
+
+def test_test_mode_uses_up_no_real_event_nor_credit(
+    make_portal: Any, mmolove_sandbox: Any, tmp_path: Any
+) -> None:
+    outbox_uri = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    trying = make_portal(MMOLOVE_TEST_MODE=True, MMOLOVE_DATABASE_URI=outbox_uri)
+    tried = Recorder(trying)
+    client = trying.test_client()
+    register(client, mmolove_sandbox.mint_token())
+    client.post("/play/1000")
+    assert [r.verdict for r in mmolove_sandbox.events] == ["test", "test"]
+    assert [c["outcome"] for c in tried.credited] == [Outcome.TEST]
+    assert mmolove_sandbox.accepted_count() == 0
+    tried.disconnect()
+    # Test mode off (a restart with MMOLOVE_TEST_MODE = False on the same outbox):
+    # the real events go, in order, and the real credit is announced once.
+    live = make_portal(MMOLOVE_DATABASE_URI=outbox_uri)
+    recorder = Recorder(live)
+    ext = live.extensions["mmolove"]
+    while ext.deliverer.run_once().claimed:
+        pass
+    assert [(r.event, r.verdict) for r in mmolove_sandbox.events[2:]] == [
+        ("registered", "advanced"),
+        ("qualified", "advanced"),
+    ]
+    assert [json.loads(r.body).get("test") for r in mmolove_sandbox.events[2:]] == [None, None]
+    assert [c["outcome"] for c in recorder.credited] == [Outcome.ADVANCED]
+    # And once only.
+    assert ext.deliverer.run_once().claimed == 0
+    assert mmolove_sandbox.accepted_count() == 2
+    assert len(recorder.credited) == 1
+    recorder.disconnect()
