@@ -22,7 +22,10 @@ Guarantees, and their limits:
 The modules, each importing only those above it: ``values`` (what is stored and handed
 out, limits, checks), ``engine`` (connections, fork safety, transactions, errors),
 ``schema`` (the tables), ``queries`` (the SQL), ``migrate`` (the schema's version: the
-Alembic migrations in ``migrations/``), ``store`` (the :class:`Outbox`).
+Alembic migrations in ``migrations/``), ``_base`` (what the :class:`Outbox`'s topics
+share: tables, statements, transactions, the lease), its topics ``enqueueing``,
+``settling``, ``reading`` and ``credits``, and ``store`` (the :class:`Outbox` made of
+them, and its schema's life cycle).
 """
 
 from .engine import PG_CONNECT_TIMEOUT, SQLITE_BUSY_TIMEOUT, make_engine
