@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from legacy_outbox import rows
 
@@ -67,7 +68,9 @@ def create_app():
 OUTBOX_TABLES = ("mmolove_events", "mmolove_bindings", "mmolove_credits")
 
 
-def flask(tmp_path: Path, url: str, mode: str, *args: str, v2: bool = False) -> str:
+def flask(
+    tmp_path: Path, url: str, mode: str, *args: str, v2: bool = False, credentials: bool = True
+) -> str:
     env = {
         **os.environ,
         "FLASK_APP": "migportal:create_app",
@@ -76,6 +79,9 @@ def flask(tmp_path: Path, url: str, mode: str, *args: str, v2: bool = False) -> 
         "MMOLOVE_SERVER_ID": "srv-1",
         "MMOLOVE_REFERRAL_SECRET": "s" * 32,
     }
+    if not credentials:
+        # An image build or a CI job: no MMOLove credentials anywhere.
+        del env["MMOLOVE_SERVER_ID"], env["MMOLOVE_REFERRAL_SECRET"]
     env.pop("PORTAL_V2", None)
     if v2:
         env["PORTAL_V2"] = "1"
@@ -194,3 +200,26 @@ def test_with_db_the_portals_migrations_create_the_outbox_and_keep_its_events(
     with engine.connect() as conn:
         assert not sa.inspect(conn).has_table("mmolove_alembic_version")
     engine.dispose()
+
+
+@pytest.mark.parametrize("mode", ["db", "standalone"])
+def test_an_image_build_migrates_without_credentials(
+    tmp_path: Path, database_url: str, mode: str
+) -> None:
+    """Proof 8's deploy step: the portal's own migrations and ``flask routes`` run with
+    no ``MMOLOVE_SERVER_ID`` or ``MMOLOVE_REFERRAL_SECRET`` in the environment."""
+    (tmp_path / "migportal.py").write_text(PORTAL)
+    flask(tmp_path, database_url, mode, "db", "init", credentials=False)
+    flask(tmp_path, database_url, mode, "db", "migrate", "-m", "initial", credentials=False)
+    flask(tmp_path, database_url, mode, "db", "upgrade", credentials=False)
+    assert "/" in flask(tmp_path, database_url, mode, "routes", credentials=False)
+    assert "players" in _tables(database_url)
+
+
+def _tables(url: str) -> list[str]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return sa.inspect(conn).get_table_names()
+    finally:
+        engine.dispose()
