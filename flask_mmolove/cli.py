@@ -15,6 +15,7 @@ from .client import ReferralClient
 from .delivery import PassReport, run_worker
 from .outbox import Outbox, OutboxError
 from .protocol import build_body, classify
+from .redaction import Redactor
 from .referrals import record_qualification, record_registration
 from .state import Delivery, MMOLoveState, get_state
 
@@ -221,7 +222,10 @@ def ping_command() -> None:
                 f"MMOLove does not know server {state.settings.server_id!r}: check "
                 f"MMOLOVE_SERVER_ID against the Referrals tab. {hint}"
             )
-        raise click.ClickException(f"{hint}. MMOLove said: {result.body[:300]}")
+        # Redacted before it is cut short, as delivery does: an endpoint that echoes
+        # the secret (a debug page, a misconfigured proxy) must not put it on screen.
+        said = Redactor(state.settings.secret)(result.body)[:300]
+        raise click.ClickException(f"{hint}. MMOLove said: {said}")
 
 
 @mmolove_group.command(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -83,6 +84,21 @@ def test_ping_with_a_wrong_secret_says_what_to_fix(
     assert result.exit_code == 1
     assert "401" in result.output
     assert "MMOLOVE_REFERRAL_SECRET" in result.output
+
+
+@pytest.mark.parametrize("status", [404, 500, 502])
+def test_ping_redacts_a_secret_mmolove_echoes(
+    worker_app: Flask, mmolove_sandbox: Any, status: int
+) -> None:
+    """An endpoint that echoes the secret (a debug page, a proxy) never puts it on screen."""
+    secret = worker_app.config["MMOLOVE_REFERRAL_SECRET"]
+    echo = json.dumps({"error": f"bad key {secret!r} \\ {secret}"})
+    mmolove_sandbox.fail_next(1, status=status, body=f"{secret} {echo}")
+    result = run(worker_app, "ping")
+    assert result.exit_code == 1
+    assert "MMOLove said:" in result.output
+    assert "[redacted]" in result.output
+    assert json.dumps(secret)[1:-1] not in result.output
 
 
 def test_ping_when_mmolove_is_down(make_portal: Callable[..., Flask]) -> None:
