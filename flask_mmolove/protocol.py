@@ -397,13 +397,28 @@ def retry_after_seconds(value: str | None, *, now: float | None = None) -> float
     return max(0.0, min(when.timestamp() - current, 86_400.0))
 
 
-def classify(status: int | None, *, retry_after: str | None = None) -> Decision:
+def classify(
+    status: int | None, *, retry_after: str | None = None, outcome: Outcome | None = None
+) -> Decision:
     """Decide what an answer means for delivery (protocol.md sections 5 and 9).
 
-    ``status`` None is a transport failure: no answer at all.
+    ``status`` None is a transport failure: no answer at all. ``outcome``, when given,
+    is what a 2xx body says (:func:`outcome_of`): only one of MMOLove's documented
+    acceptances counts as delivered.
     """
     if status is None:
         return Decision(Action.RETRY, "transport", "MMOLove could not be reached; retrying")
+    if 200 <= status < 300 and outcome is Outcome.ACCEPTED:
+        # A proxy's HTML challenge page, {"ok": false}: MMOLove may have recorded
+        # nothing, so nothing is credited; a person looks, and a re-send after the fix
+        # is answered as a duplicate if MMOLove had recorded it after all.
+        return Decision(
+            Action.DEAD,
+            "unrecognised",
+            f"MMOLove answered {status} with a body it does not document (a proxy or "
+            "captive page, or an error): nothing is credited. Check MMOLOVE_ENDPOINT, "
+            "then requeue with `flask mmolove retry`",
+        )
     if 200 <= status < 300:
         return Decision(Action.DELIVERED, "accepted", "accepted by MMOLove")
     if status in _REJECT_HINTS:

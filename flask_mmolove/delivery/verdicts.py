@@ -95,7 +95,9 @@ class Judge:
         result, error = answer
         status = result.status if result is not None else None
         decision = classify(
-            status, retry_after=result.headers.get("Retry-After") if result is not None else None
+            status,
+            retry_after=result.headers.get("Retry-After") if result is not None else None,
+            outcome=result.outcome if result is not None else None,
         )
         # MMOLove's answer is kept and handed to signals; should it ever echo the
         # secret (a proxy's error page, a debug answer), the secret goes no further.

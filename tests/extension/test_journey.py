@@ -238,3 +238,32 @@ def test_test_mode_uses_up_no_real_event_nor_credit(
     assert mmolove_sandbox.accepted_count() == 2
     assert len(recorder.credited) == 1
     recorder.disconnect()
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["<html><body>Checking your browser...</body></html>", '{"ok": false}'],
+    ids=["html-challenge", "ok-false"],
+)
+def test_only_mmoloves_documented_acceptance_credits(
+    app: Flask, mmolove_sandbox: Any, body: str
+) -> None:
+    recorder = Recorder(app)
+    client = app.test_client()
+    register(client, mmolove_sandbox.mint_token())
+    # A proxy in front of MMOLove answers 200 with a page of its own: MMOLove recorded
+    # nothing, and nothing is credited.
+    mmolove_sandbox.fail_next(1, status=200, body=body)
+    client.post("/play/1000")
+    [qualified] = [
+        e for e in app.extensions["mmolove"].outbox.list_events() if e.event == "qualified"
+    ]
+    assert qualified.state == "dead"
+    assert qualified.last_reason == "unrecognised"
+    assert recorder.credited == []
+    status = app.test_cli_runner().invoke(args=["mmolove", "status"]).output
+    assert f"dead #{qualified.id} qualified" in status
+    # Once a person has looked, a requeue sends it for real: credited once.
+    assert app.test_cli_runner().invoke(args=["mmolove", "retry", str(qualified.id)]).exit_code == 0
+    assert [c["outcome"] for c in recorder.credited] == [Outcome.ADVANCED]
+    recorder.disconnect()

@@ -157,3 +157,16 @@ def test_outcome_of_none_and_invalid_bytes() -> None:
     assert outcome_of(None) is Outcome.ACCEPTED
     assert parse_json_object(b"\xff\xfe") is None
     assert parse_json_object('{"a":1}') == {"a": 1}
+
+
+@pytest.mark.parametrize("outcome", [Outcome.ADVANCED, Outcome.DUPLICATE, Outcome.TEST, None])
+def test_documented_acceptances_are_delivered(outcome: Outcome | None) -> None:
+    assert classify(200, outcome=outcome).action is Action.DELIVERED
+
+
+def test_a_2xx_body_mmolove_does_not_document_is_held_for_a_person() -> None:
+    decision = classify(200, outcome=Outcome.ACCEPTED)
+    assert decision.action is Action.DEAD
+    assert decision.reason == "unrecognised"
+    assert "MMOLOVE_ENDPOINT" in decision.hint
+    assert "flask mmolove retry" in decision.hint
