@@ -52,7 +52,9 @@ def referrer_code(token: str) -> str | None:
     Against real MMOLove this returns None and the reward is recorded unassigned.
     """
     settings = _settings()
-    key = current_app.config.get("PORTAL_SANDBOX_TOKEN_KEY") or derive_token_key(settings.secret)
+    key = current_app.config.get("PORTAL_SANDBOX_TOKEN_KEY") or derive_token_key(
+        settings.secret.reveal()
+    )
     try:
         claims = TokenMinter(key).decode(token)
     except TokenError:

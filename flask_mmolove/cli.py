@@ -247,7 +247,7 @@ def sandbox_command(ctx: click.Context) -> None:
         args += ["--server-id", settings.server_id]
     env = None
     if "--secret" not in args and settings.secret:
-        env = {"MMOLOVE_REFERRAL_SECRET": settings.secret}
+        env = {"MMOLOVE_REFERRAL_SECRET": settings.secret.reveal()}
     raise SystemExit(main(args, env=env))
 
 

@@ -18,10 +18,12 @@ from .protocol import (
     Outcome,
     build_body,
     check_endpoint,
+    check_key_id,
     outcome_of,
     parse_json_object,
     sign_referral_body,
 )
+from .redaction import Secret
 
 USER_AGENT = f"flask-mmolove/{__version__}"
 
@@ -78,24 +80,27 @@ class ReferralClient:
     def __init__(
         self,
         server_id: str,
-        secret: str,
+        secret: str | Secret,
         endpoint: str = DEFAULT_ENDPOINT,
         *,
         timeout: float | tuple[float, float] = (5.0, 10.0),
         key_id: str | None = None,
         session: requests.Session | None = None,
     ) -> None:
+        # Wrapped before anything can fail, and the plain argument let go: a traceback
+        # tool that shows frame locals (pytest -l, Sentry) finds no secret in this frame.
+        held = Secret.of(secret)
+        del secret
         if not isinstance(server_id, str) or not server_id.strip():
             raise ValueError("server_id is required: copy it from the Referrals tab")
-        if not isinstance(secret, str) or not secret:
+        if held is None:
             raise ValueError("secret is required: copy it from the Referrals tab")
+        self._secret = held
         self.server_id = server_id.strip()
         self.endpoint = check_endpoint(endpoint)
         self.timeout = timeout
-        self.key_id = key_id
-        self._secret = secret
         # Fail now, not at the first send, on a key id that cannot go in a header.
-        sign_referral_body(secret, b"", 1, key_id=key_id)
+        self.key_id = None if key_id is None else check_key_id(key_id)
         self._session = session or requests.Session()
         self._session.headers["User-Agent"] = USER_AGENT
         self._settings: dict[str, Any] | None = None
@@ -105,7 +110,9 @@ class ReferralClient:
         self._url: str = url.url or self.endpoint
 
     def __repr__(self) -> str:
-        return f"<ReferralClient server_id={self.server_id!r} endpoint={self.endpoint!r}>"
+        # getattr: a traceback tool shows the client half-built by a failing __init__.
+        server_id, endpoint = getattr(self, "server_id", None), getattr(self, "endpoint", None)
+        return f"<ReferralClient server_id={server_id!r} endpoint={endpoint!r}>"
 
     def close(self) -> None:
         self._session.close()
@@ -118,7 +125,15 @@ class ReferralClient:
 
     def sign(self, body: bytes, t: int | None = None) -> str:
         """The signature header value for ``body``, without sending anything."""
-        return sign_referral_body(self._secret, body, t, key_id=self.key_id)
+        failure: tuple[type[Exception], str] | None = None
+        try:
+            # The one place the secret is unwrapped.
+            return sign_referral_body(self._secret.reveal(), body, t, key_id=self.key_id)
+        except (TypeError, ValueError) as exc:
+            failure = type(exc), str(exc)
+        # Raised again out here, with no context: the traceback of the original passes
+        # through the signing frame, which holds the plain secret.
+        raise failure[0](failure[1])
 
     def body(
         self,

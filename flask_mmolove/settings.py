@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -19,6 +19,7 @@ from flask import Flask
 from .capture import CaptureSettings
 from .outbox.schema import check_table_prefix
 from .protocol import DEFAULT_ENDPOINT, check_endpoint, check_key_id
+from .redaction import Secret
 
 DELIVERY_MODES: Final = ("thread", "worker", "inline")
 #: The keys delivery needs, and nothing else does.
@@ -67,7 +68,8 @@ class ConfigurationError(ValueError):
 class Settings:
     enabled: bool
     server_id: str
-    secret: str = field(repr=False)
+    #: Wrapped, so that no repr or traceback shows it; ``.reveal()`` to sign.
+    secret: Secret = field(repr=False)
     key_id: str | None
     endpoint: str
     database_uri: str = field(repr=False)
@@ -98,7 +100,45 @@ class Settings:
         return f"delivery is paused: {' and '.join(self.missing)} {verb} not set"
 
 
-def _number(config: dict[str, Any], key: str, *, minimum: float = 0.0) -> float:
+class _Config(Mapping[str, Any]):
+    """``app.config`` as the checks below read it, under a repr that shows no value.
+
+    ``app.config`` holds the secret as the portal set it: a frame local holding it
+    would show it to any traceback tool that prints locals (``pytest -l``, Sentry).
+    """
+
+    __slots__ = ("_config",)
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self._config = config
+
+    def __getitem__(self, key: str) -> Any:
+        return self._config[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._config)
+
+    def __len__(self) -> int:
+        return len(self._config)
+
+    def __repr__(self) -> str:
+        return "<app.config>"
+
+
+def _secret(config: Mapping[str, Any]) -> Secret | None:
+    """``MMOLOVE_REFERRAL_SECRET`` (or its environment variable), wrapped; never stripped:
+    it is the exact HMAC key. No frame of a failure here holds its value."""
+    key = "MMOLOVE_REFERRAL_SECRET"
+    if config[key] is None and not os.environ.get(key):
+        return None
+    if config[key] is None:
+        return Secret(os.environ[key])
+    if not isinstance(config[key], str):
+        raise ConfigurationError(f"{key} must be a string, got {type(config[key]).__name__}")
+    return Secret(config[key]) if config[key] else None
+
+
+def _number(config: Mapping[str, Any], key: str, *, minimum: float = 0.0) -> float:
     value = config[key]
     if (
         isinstance(value, bool)
@@ -112,14 +152,14 @@ def _number(config: dict[str, Any], key: str, *, minimum: float = 0.0) -> float:
     return float(value)
 
 
-def _seconds_or_zero(config: dict[str, Any], key: str) -> float:
+def _seconds_or_zero(config: Mapping[str, Any], key: str) -> float:
     value = config[key]
     if isinstance(value, int | float) and not isinstance(value, bool) and value == 0:
         return 0.0
     return _number(config, key)
 
 
-def _flag(config: dict[str, Any], key: str) -> bool:
+def _flag(config: Mapping[str, Any], key: str) -> bool:
     # bool("false") is True: a flag from an environment variable must fail, not flip.
     value = config[key]
     if not isinstance(value, bool):
@@ -127,14 +167,14 @@ def _flag(config: dict[str, Any], key: str) -> bool:
     return value
 
 
-def _whole(config: dict[str, Any], key: str) -> int:
+def _whole(config: Mapping[str, Any], key: str) -> int:
     value = config[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"{key} must be a whole number of at least 1, got {value!r}")
     return value
 
 
-def _text(config: dict[str, Any], key: str, env: str | None = None) -> str | None:
+def _text(config: Mapping[str, Any], key: str, env: str | None = None) -> str | None:
     value = config[key]
     if value is None and env is not None:
         value = os.environ.get(env)
@@ -157,18 +197,11 @@ def load_settings(app: Flask) -> Settings:
     """Set every default on ``app.config``, then read and check the whole set."""
     for key, default in DEFAULTS.items():
         app.config.setdefault(key, default)
-    config = app.config
+    config = _Config(app.config)
 
     enabled = _flag(config, "MMOLOVE_ENABLED")
     server_id = _text(config, "MMOLOVE_SERVER_ID", "MMOLOVE_SERVER_ID")
-    # The secret is never stripped: it is the exact HMAC key.
-    secret = config["MMOLOVE_REFERRAL_SECRET"]
-    if secret is None:
-        secret = os.environ.get("MMOLOVE_REFERRAL_SECRET")
-    if secret is not None and not isinstance(secret, str):
-        raise ConfigurationError(
-            f"MMOLOVE_REFERRAL_SECRET must be a string, got {type(secret).__name__}"
-        )
+    secret = _secret(config)
     # Missing credentials are not an error here: the portal must start without them
     # (image builds, CI, migrations); delivery waits for them (state.build_state).
     given = {"MMOLOVE_SERVER_ID": server_id, "MMOLOVE_REFERRAL_SECRET": secret}
@@ -222,7 +255,7 @@ def load_settings(app: Flask) -> Settings:
     return Settings(
         enabled=enabled,
         server_id=server_id or "",
-        secret=secret or "",
+        secret=secret or Secret(""),
         key_id=key_id,
         endpoint=endpoint,
         database_uri=database_uri,
