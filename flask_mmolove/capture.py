@@ -3,18 +3,21 @@
 The token travels three ways: the ``mmref`` query parameter (MMOLove's redirect), our
 own first-party cookie (set when the query parameter is first seen, so it survives
 ``session.clear()`` at login and OAuth round trips) and the session (what the
-registration view reads). Only a valid token is ever stored or used.
+registration view reads). Only a valid token is ever stored or used. An app with no
+session (no ``SECRET_KEY``) keeps the token in the cookie alone: a visitor is never
+answered 500 because of us.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Final
 
-from flask import Request, Response, current_app, g, request, session
-from flask.sessions import SecureCookieSessionInterface
+from flask import Flask, Request, Response, current_app, g, request, session
+from flask.sessions import SecureCookieSessionInterface, SessionMixin
 
 logger = logging.getLogger("flask_mmolove")
 
@@ -27,6 +30,9 @@ _TOKEN: Final = re.compile(rf"[A-Za-z0-9._~+/=:-]{{1,{MAX_TOKEN_LENGTH}}}", re.A
 #: What to do with our cookie on the response.
 SET: Final = "set"
 CLEAR: Final = "clear"
+
+#: The apps told that they have no session, so each is told once.
+_WARNED_NO_SESSION: weakref.WeakSet[Flask] = weakref.WeakSet()
 
 
 def valid_token(value: object) -> str | None:
@@ -67,6 +73,29 @@ def _session_may_hold_token(cookie_header: str) -> bool:
     return interface.get_cookie_name(app) in cookie_header
 
 
+def _session(settings: CaptureSettings) -> SessionMixin | None:
+    """The request's session, or None when the app has none to write to.
+
+    Without ``SECRET_KEY`` Flask's session is a null session that raises on any write:
+    writing the token there would answer every visitor arriving with ``?mmref=`` a
+    500. Refusing at ``init_app`` would stop image builds and migrations that run
+    without the portal's secrets; instead our cookie alone carries the token.
+    """
+    sess: SessionMixin = session._get_current_object()  # type: ignore[attr-defined]
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    if not app.session_interface.is_null_session(sess):
+        return sess
+    if app not in _WARNED_NO_SESSION:
+        _WARNED_NO_SESSION.add(app)
+        logger.warning(
+            "the app has no session (SECRET_KEY is not set): the pending mmref token is "
+            "kept in the %r cookie alone. Set SECRET_KEY to a long random value (such as "
+            "secrets.token_hex()) so that the session keeps it too",
+            settings.cookie_name,
+        )
+    return None
+
+
 def capture(settings: CaptureSettings, req: Request) -> tuple[str, bool] | None:
     """The pending token, kept in the session, and whether our cookie must be set.
 
@@ -83,8 +112,9 @@ def capture(settings: CaptureSettings, req: Request) -> tuple[str, bool] | None:
     set_cookie = False
     if cookie_header:
         if _session_may_hold_token(cookie_header):
-            sess = session._get_current_object()  # type: ignore[attr-defined]
-            pending = valid_token(sess.get(settings.session_key))
+            sess = _session(settings)
+            if sess is not None:
+                pending = valid_token(sess.get(settings.session_key))
         # The header is only parsed when it can hold our cookie.
         if pending is None and settings.cookie_name in cookie_header:
             raw = req.cookies.get(settings.cookie_name)
@@ -110,21 +140,25 @@ def capture(settings: CaptureSettings, req: Request) -> tuple[str, bool] | None:
     if pending is None:
         return None
     if sess is None:
-        sess = session._get_current_object()  # type: ignore[attr-defined]
-    if sess.get(settings.session_key) != pending:
+        sess = _session(settings)
+    if sess is not None and sess.get(settings.session_key) != pending:
         sess[settings.session_key] = pending
     return pending, set_cookie
 
 
 def forget(settings: CaptureSettings) -> None:
     """Drop the pending token from the session and ``g``: it is bound to an account now."""
-    session.pop(settings.session_key, None)
+    sess = _session(settings)
+    if sess is not None:
+        sess.pop(settings.session_key, None)
     g.mmref = None
 
 
 def keep(settings: CaptureSettings, token: str) -> None:
     """Make ``token`` pending again (after :func:`forget`, in a request that failed)."""
-    session[settings.session_key] = token
+    sess = _session(settings)
+    if sess is not None:
+        sess[settings.session_key] = token
     g.mmref = token
 
 

@@ -174,3 +174,37 @@ def test_the_portals_hooks_see_our_cookie_on_the_response(make_portal: Any) -> N
     response = app.test_client().get("/page?mmref=tok1")
     assert cookie_header(response) is not None
     assert "public" not in response.headers.get("Cache-Control", "")
+
+
+def test_a_portal_without_secret_key_never_answers_500(
+    make_portal: Any, mmolove_sandbox: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No SECRET_KEY, so no session: capture keeps the token in our cookie alone, and
+    the visitor arriving with ?mmref= gets the page, then registers as a referee."""
+    app = make_portal(MMOLOVE_DELIVERY="worker")
+    app.config["SECRET_KEY"] = None
+    client = app.test_client()
+    token = mmolove_sandbox.mint_token()
+    with caplog.at_level(logging.WARNING, logger="flask_mmolove"):
+        response = client.get(f"/register?mmref={token}")
+        assert response.status_code == 200
+        assert response.json == {"mmref": token}
+        header = cookie_header(response)
+        assert header is not None
+        assert header.startswith(f"mmref={token};")
+        assert client.get("/page").json == {"mmref": token}
+        assert client.get(f"/page?mmref={token}").status_code == 200
+        # A registration that fails keeps the token pending; one that succeeds binds it.
+        assert client.post("/register-rejected", data={"id": "u0"}).status_code == 409
+        assert client.get("/page").json == {"mmref": token}
+        response = client.post("/register", data={"name": "ayla"})
+        assert response.status_code == 302
+        cleared = cookie_header(response)
+        assert cleared is not None
+        assert cleared.startswith("mmref=;")
+        assert client.get("/page").json == {"mmref": None}
+    warnings = [r for r in caplog.records if "SECRET_KEY" in r.getMessage()]
+    assert len(warnings) == 1
+    [event] = app.extensions["mmolove"].outbox.list_events()
+    assert event.event == "registered"
+    assert event.token == token
