@@ -417,3 +417,34 @@ def test_a_custom_prefix_and_name(sandbox: Any, tmp_path: Path) -> None:
         assert "/ops/referrals/static/dashboard.css" in page.get_data(as_text=True)
     finally:
         ext.shutdown(app)
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        str(10**400),
+        str(2**63 - 1),
+        str(2**63),
+        str(2**63 // 50 + 1),
+        "99999999999999999999",
+        "-1",
+        "-" + str(10**400),
+        "0",
+        "abc",
+        "1e9",
+        "",
+        "1" * 5000,
+        "\u0663",
+        "1_000",
+        "NaN",
+    ],
+)
+def test_any_page_value_answers_without_an_error(
+    make_app: Callable[..., Flask], sandbox: Any, page: str
+) -> None:
+    app = make_app()
+    enqueue(app, sandbox, "1001")
+    client = app.test_client()
+    for state in ("", "dead"):
+        response = client.get("/mmolove/", query_string={"page": page, "state": state})
+        assert response.status_code == 200, response.get_data(as_text=True)[:500]

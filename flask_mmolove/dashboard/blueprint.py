@@ -34,6 +34,9 @@ logger = logging.getLogger("flask_mmolove")
 BLUEPRINT_NAME: Final = "mmolove_dashboard"
 DEFAULT_URL_PREFIX: Final = "/mmolove"
 PAGE_SIZE: Final = 50
+#: The highest page the index shows; a higher ``?page=`` is shown as this one (empty,
+#: with "Newer" leading back), so the offset always fits the database's 64-bit integer.
+MAX_PAGE: Final = 1_000_000
 #: What a table cell shows of an answer; the event's own page shows all of it.
 PREVIEW_CHARS: Final = 160
 
@@ -226,7 +229,9 @@ def index() -> str:
         return render_template("mmolove_dashboard/disabled.html")
     outbox = state.outbox
     shown = _filter(request.args.get("state"))
-    page = max(1, request.args.get("page", 1, type=int) or 1)
+    # Anything not a whole number is page 1, whatever its size: it is the operator's
+    # URL to edit, and never an error.
+    page = min(MAX_PAGE, max(1, request.args.get("page", 1, type=int) or 1))
     # One extra row says whether an older page exists, without a count query.
     rows = outbox.list_events(state=shown, limit=PAGE_SIZE + 1, offset=(page - 1) * PAGE_SIZE)
     now = outbox.clock()
