@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
 
 import flask_login
 from flask import (
@@ -41,6 +42,8 @@ def login_required(view: F) -> F:
 
 USERNAME = re.compile(r"[A-Za-z0-9_-]{3,32}")
 MIN_PASSWORD = 8
+#: A path of this site: one slash, then printable ASCII but space and backslash.
+_LOCAL_PATH = re.compile(r"/(?![/\\])[!-\[\]-~]*", re.ASCII)
 
 
 def player() -> User:
@@ -49,10 +52,18 @@ def player() -> User:
 
 
 def _safe_next(target: str | None) -> str | None:
-    # Only a path on this site: "//evil.example" and "https://..." are open redirects.
-    if target and target.startswith("/") and not target.startswith(("//", "/\\")):
-        return target
-    return None
+    r"""``target`` if it is a path of this site, else None (then the default page).
+
+    Browsers drop tabs and line breaks anywhere in a URL, strip leading spaces and
+    controls, and read a backslash as a slash: "/\t/evil.example" and "/\evil.example"
+    lead off the site as "//evil.example" does, and a line break cannot go in a header.
+    So a target is printable ASCII without space or backslash, one slash first, and
+    has neither scheme nor host: whatever the encoding, it stays on the site.
+    """
+    if target is None or not _LOCAL_PATH.fullmatch(target):
+        return None
+    parts = urlsplit(target)
+    return target if not parts.scheme and not parts.netloc else None
 
 
 @bp.get("/")

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urljoin, urlsplit
 
 import pytest
 import requests
@@ -297,6 +298,81 @@ def test_login_rejects_a_wrong_password_and_open_redirects(portal: Flask) -> Non
     page = client.get("/login?next=//evil.example/").get_data(as_text=True)
     assert "evil.example" not in page
     assert login(client, "ayla").headers["Location"].endswith("/play")
+
+
+#: Raw query strings for ``next=``: every way a browser could be led off the site.
+HOSTILE_NEXT = [
+    "//evil.example/",
+    "/%09/evil.example",
+    "/%0A/evil.example",
+    "%0A",
+    "/%0D%0A/evil.example",
+    "%09//evil.example",
+    "%20//evil.example",
+    "/%5Cevil.example",
+    "/%5C/evil.example",
+    "%5C%5Cevil.example",
+    "/%5C%5Cevil.example",
+    "%2F%2Fevil.example",
+    "/%2F/evil.example",
+    "https://evil.example/",
+    "HTTPS://evil.example/",
+    "https:evil.example",
+    "https:/evil.example",
+    "javascript:alert(1)",
+    "/%00/evil.example",
+    "/%E3%80%80/evil.example",
+    "%EF%BC%8F%EF%BC%8Fevil.example",
+    "/%252F%252Fevil.example",
+    "/%2509/evil.example",
+    "/ /evil.example",
+]
+
+
+def _lands_on_the_site(location: str) -> bool:
+    """Where a browser goes: it drops tabs and line breaks anywhere in a URL, leading
+    spaces and controls, and reads a backslash as a slash."""
+    browser = re.sub(r"[\t\n\r]", "", location).lstrip("\x00 ").replace("\\", "/")
+    parts = urlsplit(urljoin("http://localhost/login", browser))
+    return parts.scheme == "http" and parts.netloc == "localhost"
+
+
+def test_next_only_ever_stays_on_the_site(portal: Flask) -> None:
+    client = portal.test_client()
+    register(client, "ayla")
+    logout(client)
+    off_site = []
+    for raw in HOSTILE_NEXT:
+        page = client.get(f"/login?next={raw}")
+        assert page.status_code == 200, raw
+        value = unquote(raw)
+        response = client.post(
+            "/login",
+            data={
+                "csrf_token": csrf_token(page.get_data(as_text=True)),
+                "username": "ayla",
+                "password": PASSWORD,
+                "next": value,
+            },
+        )
+        assert response.status_code == 303, (raw, response.status_code)
+        location = response.headers["Location"]
+        if not _lands_on_the_site(location):
+            off_site.append((raw, location))
+        logout(client)
+    assert off_site == []
+    # A path of the site is kept, its query string included.
+    page = client.get("/login?next=/rewards%3Ftab%3D1")
+    response = client.post(
+        "/login",
+        data={
+            "csrf_token": csrf_token(page.get_data(as_text=True)),
+            "username": "ayla",
+            "password": PASSWORD,
+            "next": "/rewards?tab=1",
+        },
+    )
+    assert response.headers["Location"] == "/rewards?tab=1"
 
 
 def test_share_link_points_at_mmolove_with_the_players_code(
