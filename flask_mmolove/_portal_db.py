@@ -111,6 +111,10 @@ def from_session(session: SessionSource, metadata: sa.MetaData) -> PortalDB:
 
 
 def _committed(session: Session) -> None:
+    if session.in_nested_transaction():
+        # A savepoint released (SQLAlchemy says after_commit for it too): the
+        # transaction the writes are in is still open, and may yet roll back.
+        return
     for pending in session.info.pop(_PENDING, []):
         try:
             pending.on_commit()

@@ -53,7 +53,9 @@ class RequestWork:
         "cookie",
         "forgotten",
         "in_portal_transaction",
+        "milestones",
         "referee",
+        "registering",
         "responding",
         "writes",
     )
@@ -74,6 +76,12 @@ class RequestWork:
         self.bound: dict[str, str] = {}
         #: This request wrote in the portal's transaction.
         self.in_portal_transaction = False
+        #: A ``@referral_registered`` view is running: its referee may be named only
+        #: when it returns (``identity=``, Flask-Login).
+        self.registering = False
+        #: Milestones reached in that view before its referee was named: (identity,
+        #: server_event_id), recorded once the registration is.
+        self.milestones: list[tuple[str, str | None]] = []
         #: Events of this request the portal has committed: delivery is woken for them
         #: when the response is final.
         self.committed: list[int] = []
@@ -130,7 +138,7 @@ def _write_in_portal_transaction(
 
     def committed() -> None:
         ids = [] if event_id is None else [event_id]
-        if work is not None and work is current_work() and work.responding:
+        if work is not None and work.responding:
             if then is not None:
                 then()
             # Delivery starts once the response is final, the portal's commit long done.

@@ -98,6 +98,10 @@ def build(
         if request.form.get("play"):
             # The milestone reached in the registration request itself.
             player_qualified.send(app, identity=str(user.id))
+        if request.form.get("savepoint"):
+            # Some get-or-create in a savepoint, released: not the portal's commit.
+            with db.session.begin_nested():
+                db.session.add(Grant(referee="audit-" + request.form["name"]))
         if order == "rollback":
             db.session.rollback()
             return "name refused", 200
@@ -109,10 +113,15 @@ def build(
         user = db.session.get(User, user_id)
         assert user is not None
         user.level += 1
+        if request.form.get("commit", "yes") == "first":
+            db.session.commit()
         player_qualified.send(app, identity=str(user_id))
+        if request.form.get("savepoint"):
+            with db.session.begin_nested():
+                db.session.add(Grant(referee=f"level-{user_id}-{user.level}"))
         if request.form.get("commit", "yes") == "yes":
             db.session.commit()
-        return "level up"
+        return request.form.get("answer", "level up"), int(request.form.get("status", 200))
 
     app.config["USER_MODEL"] = User
     app.config["GRANT_MODEL"] = Grant
@@ -500,3 +509,43 @@ def test_delivery_starts_after_the_commit_not_before(portal: Any, mmolove_sandbo
     thread.join(10)
     assert answered == [201]
     wait_for(lambda: mmolove_sandbox.accepted_count("registered") == 1, 10, "the delivery")
+
+
+def test_a_released_savepoint_is_not_the_portals_commit(portal: Any, mmolove_sandbox: Any) -> None:
+    app, _, _ = portal()
+    client = app.test_client()
+    token = mmolove_sandbox.mint_token()
+    client.get(f"/register?mmref={token}")
+    # The documented order with a savepoint released before a rollback: the token
+    # stays, as nothing was committed.
+    response = client.post(
+        "/register", data={"name": "ayla", "order": "rollback", "savepoint": "1"}
+    )
+    assert response.status_code == 200
+    assert stored(app) == []
+    assert client.get("/register").json == {"mmref": token}
+    assert client.post("/register", data={"name": "ayla"}).status_code == 201
+    user_id = app.extensions["mmolove"].outbox.list_events()[0].identity
+    # The level committed first, the milestone's write left waiting, then a savepoint
+    # released: the end of the request still commits the write.
+    response = client.post(f"/play/{user_id}", data={"commit": "first", "savepoint": "1"})
+    assert response.status_code == 200
+    assert stored(app) == ["registered", "qualified"]
+    assert mmolove_sandbox.accepted_count("qualified") == 1
+
+
+def test_a_failed_request_is_not_committed_by_the_extension(
+    portal: Any, mmolove_sandbox: Any
+) -> None:
+    app, _, _ = portal()
+    client = app.test_client()
+    client.get(f"/register?mmref={mmolove_sandbox.mint_token()}")
+    assert client.post("/register", data={"name": "ayla"}).status_code == 201
+    user_id = app.extensions["mmolove"].outbox.list_events()[0].identity
+    # The level committed, the milestone's write waiting, and the view answers an
+    # error: the end of the request commits nothing, the write goes with teardown.
+    response = client.post(
+        f"/play/{user_id}", data={"commit": "first", "status": "409", "answer": "busy"}
+    )
+    assert response.status_code == 409
+    assert stored(app) == ["registered"]
