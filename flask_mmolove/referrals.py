@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
-from flask import Flask, current_app, g, has_app_context, make_response, request
+from flask import Flask, Response, current_app, g, has_app_context, make_response, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy.engine import Connection
 
@@ -187,25 +187,19 @@ def referral_registered(
                 return current_app.ensure_sync(func)(*args, **kwargs)  # type: ignore[no-any-return]
             work.referee = None
             signed_in_before = _flask_login_identity() if g.get("mmref") is not None else None
-            response = make_response(current_app.ensure_sync(func)(*args, **kwargs))
-            if work.bound:
-                # set_referee() wrote it already, in the portal's transaction.
-                pass
-            elif 200 <= response.status_code < 400 and g.get("mmref") is not None:
-                referee = _resolve_identity(work, identity, signed_in_before)
-                if referee is None and request.method in ("GET", "HEAD", "OPTIONS"):
-                    # Showing the form: no account exists yet, so no identity either.
-                    logger.debug("%s: mmref pending, no account yet", func.__qualname__)
-                elif referee is None:
-                    logger.warning(
-                        "%s returned %d with an mmref pending but no referee identity: call "
-                        "set_referee(user.id) in the view once the account exists, or use "
-                        "@referral_registered(identity=lambda: ...). The token stays pending.",
-                        func.__qualname__,
-                        response.status_code,
-                    )
-                else:
-                    record_registration(referee)
+            work.registering = True
+            try:
+                response = make_response(current_app.ensure_sync(func)(*args, **kwargs))
+            finally:
+                work.registering = False
+            try:
+                _register(work, func, response, identity, signed_in_before)
+            finally:
+                # Reached in the view before its referee was named: recorded now, or
+                # dropped as not referred.
+                milestones, work.milestones = work.milestones, []
+                for referee, server_event_id in milestones:
+                    record_qualification(referee, server_event_id=server_event_id)
             return response
 
         return wrapper  # type: ignore[return-value]
@@ -213,6 +207,35 @@ def referral_registered(
     if view is not None:
         return decorator(view)
     return decorator
+
+
+def _register(
+    work: _request.RequestWork,
+    func: Callable[..., Any],
+    response: Response,
+    identity: IdentityGetter | None,
+    signed_in_before: object,
+) -> None:
+    """After a registration view: bind its referee and enqueue ``registered``."""
+    if work.bound:
+        # set_referee() wrote it already, in the portal's transaction.
+        return
+    if not 200 <= response.status_code < 400 or g.get("mmref") is None:
+        return
+    referee = _resolve_identity(work, identity, signed_in_before)
+    if referee is None and request.method in ("GET", "HEAD", "OPTIONS"):
+        # Showing the form: no account exists yet, so no identity either.
+        logger.debug("%s: mmref pending, no account yet", func.__qualname__)
+    elif referee is None:
+        logger.warning(
+            "%s returned %d with an mmref pending but no referee identity: call "
+            "set_referee(user.id) in the view once the account exists, or use "
+            "@referral_registered(identity=lambda: ...). The token stays pending.",
+            func.__qualname__,
+            response.status_code,
+        )
+    else:
+        record_registration(referee)
 
 
 # --- qualified --------------------------------------------------------------------
@@ -246,6 +269,10 @@ def record_qualification(
         bound = work.bound.get(referee)
     if bound is None:
         bound = outbox.token_for(referee, connection=connection)
+    if bound is None and work is not None and work.registering and g.get("mmref") is not None:
+        # In a registration view whose referee is named when it returns: kept for then.
+        work.milestones.append((referee, server_event_id))
+        return True
     if bound is None:
         logger.debug("player %r reached the milestone but was not referred", referee)
         return False

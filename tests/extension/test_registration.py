@@ -7,10 +7,10 @@ import logging
 from typing import Any
 
 import pytest
-from flask import Flask
+from flask import Flask, request
 from flask_login import LoginManager, UserMixin, login_user
 
-from flask_mmolove import referral_registered, set_referee
+from flask_mmolove import player_qualified, referral_registered, set_referee
 
 
 def outbox_rows(app: Flask) -> list[Any]:
@@ -242,3 +242,33 @@ def test_a_decorated_view_called_as_a_function_outside_a_request_just_runs(
     with app.app_context():
         assert create() == ("created", 201)
     assert app.extensions["mmolove"].outbox.list_events() == []
+
+
+def test_a_milestone_in_a_registration_view_named_by_identity_callable_counts(
+    make_portal: Any, mmolove_sandbox: Any
+) -> None:
+    # The referee is named only when the view returns (identity=, or Flask-Login):
+    # a milestone the view reached before that is recorded once the referee is.
+    app = make_portal()
+
+    @app.post("/register-and-play")
+    @referral_registered(identity=lambda: request.form["id"])
+    def register_and_play() -> Any:
+        player_qualified.send(app, identity=request.form["id"])
+        return "created", 201
+
+    @app.post("/refused-and-play")
+    @referral_registered(identity=lambda: request.form["id"])
+    def refused_and_play() -> Any:
+        player_qualified.send(app, identity=request.form["id"])
+        return "name taken", 409
+
+    client = app.test_client()
+    client.get(f"/page?mmref={mmolove_sandbox.mint_token()}")
+    assert client.post("/refused-and-play", data={"id": "41"}).status_code == 409
+    assert app.extensions["mmolove"].outbox.list_events() == []
+    assert client.post("/register-and-play", data={"id": "42"}).status_code == 201
+    assert [(r.event, r.verdict) for r in mmolove_sandbox.events] == [
+        ("registered", "advanced"),
+        ("qualified", "advanced"),
+    ]
