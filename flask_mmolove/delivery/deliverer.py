@@ -91,7 +91,7 @@ class Deliverer:
         self.clock = clock
         self.jitter = jitter
         self.owner = _new_owner()
-        self._dry_runs_released = False
+        self._release_dry_runs_at = float("-inf")
         self._judge = Judge(settings, clock, jitter, Redactor(settings.secret), self._emit)
         process.renew_after_fork(self)
 
@@ -161,11 +161,13 @@ class Deliverer:
             # Missing credentials: the events wait in the outbox for a restart with them.
             logger.debug("%s: nothing is claimed", settings.paused)
             return total
-        if not settings.test_mode and not self._dry_runs_released:
-            # Test mode was on (here or in an earlier run): what passed as a dry run
-            # is held, and goes for real now, once.
+        now = self.clock()
+        if not settings.test_mode and now >= self._release_dry_runs_at:
+            # Test mode was on, here or in another process still running with it (a
+            # rolling deploy): what passed as a dry run is held, and goes for real now.
+            # Looked for at most once a poll interval: it is a write.
             self.outbox.release_dry_runs()
-            self._dry_runs_released = True
+            self._release_dry_runs_at = now + settings.poll_interval
         senders = Senders(self._send, settings.concurrency, should_stop)
         try:
             while True:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from portal import Recorder
-from support import wait_for
+from support import FakeClock, wait_for
 
 from flask_mmolove import MMOLove, Outcome, player_qualified
 
@@ -267,3 +267,25 @@ def test_only_mmoloves_documented_acceptance_credits(
     assert app.test_cli_runner().invoke(args=["mmolove", "retry", str(qualified.id)]).exit_code == 0
     assert [c["outcome"] for c in recorder.credited] == [Outcome.ADVANCED]
     recorder.disconnect()
+
+
+def test_events_a_test_mode_process_holds_later_are_released_too(
+    make_portal: Any, mmolove_sandbox: Any, tmp_path: Any
+) -> None:
+    # A rolling deploy: a process still in test mode holds a dry run after the live
+    # deliverer's first pass; the live one releases it at a later pass, not only once.
+    outbox_uri = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    clock = FakeClock()
+    live_ext = MMOLove(clock=clock)
+    live = make_portal(live_ext, MMOLOVE_DATABASE_URI=outbox_uri, MMOLOVE_POLL_INTERVAL=5.0)
+    deliverer = live.extensions["mmolove"].deliverer
+    assert deliverer.run_once().claimed == 0
+    trying = make_portal(MMOLOVE_TEST_MODE=True, MMOLOVE_DATABASE_URI=outbox_uri)
+    register(trying.test_client(), mmolove_sandbox.mint_token())
+    assert [r.verdict for r in mmolove_sandbox.events] == ["test"]
+    clock.advance(5.0)
+    while deliverer.run_once().claimed:
+        pass
+    assert [(r.event, r.verdict) for r in mmolove_sandbox.events[1:]] == [
+        ("registered", "advanced")
+    ]
