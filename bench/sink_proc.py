@@ -1,4 +1,6 @@
-"""A minimal, fast HTTP sink that answers every request ``200 {"ok":true,"test":true}``.
+"""A minimal, fast HTTP sink that answers every request as MMOLove accepts a
+``registered``: ``200 {"ok":true,"referral_id":"ref_0","state":"registered"}`` (a
+documented acceptance: a dry run's answer would hold the events, not deliver them).
 
 For measuring a worker's own costs (memory over 100k events, the floor of an HTTP
 round trip) without the sandbox's checks in the way. asyncio, HTTP/1.1 keep-alive,
@@ -12,7 +14,7 @@ import asyncio
 import json
 import sys
 
-ANSWER = b'{"ok":true,"test":true}'
+ANSWER = b'{"ok":true,"referral_id":"ref_0","state":"registered"}'
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
     + str(len(ANSWER)).encode()
