@@ -18,6 +18,7 @@ from typing import Final
 
 from flask import Flask, Request, Response, current_app, g, request, session
 from flask.sessions import SecureCookieSessionInterface, SessionMixin
+from werkzeug.http import parse_cookie
 
 logger = logging.getLogger("flask_mmolove")
 
@@ -55,6 +56,25 @@ class CaptureSettings:
 def _ignored(source: str, raw: str) -> None:
     # The value itself is never logged: it is attacker-controlled.
     logger.debug("ignored an invalid mmref from the %s (%d characters)", source, len(raw))
+
+
+def _our_cookie(settings: CaptureSettings, cookie_header: str) -> str | None:
+    """The token of our cookie, among every cookie of its name the browser sent.
+
+    A cookie planted under our name (by a sibling subdomain, or over plain HTTP) is
+    sent too. Browsers send longer paths first, then older cookies first, so ours,
+    set for the whole site ("/"), comes after one planted for a longer path: the last
+    valid value is ours. ``request.cookies`` keeps the first only, which would let the
+    planted one hide or replace the player's token.
+    """
+    found = None
+    for raw in parse_cookie(cookie_header).getlist(settings.cookie_name):
+        token = valid_token(raw)
+        if token is None:
+            _ignored("cookie", raw)
+        else:
+            found = token
+    return found
 
 
 def _session_may_hold_token(cookie_header: str) -> bool:
@@ -115,13 +135,10 @@ def capture(settings: CaptureSettings, req: Request) -> tuple[str, bool] | None:
             sess = _session(settings)
             if sess is not None:
                 pending = valid_token(sess.get(settings.session_key))
-        # The header is only parsed when it can hold our cookie.
+        # The header is only parsed when it can hold our cookie. A token pending in
+        # the session is never replaced by a cookie: first touch holds.
         if pending is None and settings.cookie_name in cookie_header:
-            raw = req.cookies.get(settings.cookie_name)
-            if raw is not None:
-                pending = valid_token(raw)
-                if pending is None:
-                    _ignored("cookie", raw)
+            pending = _our_cookie(settings, cookie_header)
     # Only a query string that names mmref, or escapes a character, can carry it.
     raw_query = None
     if query and (QUERY_PARAM in query or "%" in query):
@@ -135,7 +152,12 @@ def capture(settings: CaptureSettings, req: Request) -> tuple[str, bool] | None:
             set_cookie = True
         elif fresh != pending:
             logger.debug("kept the first pending mmref; a later one arrived (first touch)")
-        elif settings.cookie_name not in req.cookies:
+        elif (
+            not cookie_header
+            or settings.cookie_name not in cookie_header
+            or _our_cookie(settings, cookie_header) != fresh
+        ):
+            # Ours is missing (or only a planted one is there): set it again.
             set_cookie = True
     if pending is None:
         return None

@@ -208,3 +208,50 @@ def test_a_portal_without_secret_key_never_answers_500(
     [event] = app.extensions["mmolove"].outbox.list_events()
     assert event.event == "registered"
     assert event.token == token
+
+
+# A cookie planted under our name, by a sibling subdomain or over plain HTTP, for a
+# longer path than ours ("/"): a browser sends it FIRST ("longer paths first", RFC 6265
+# section 5.4), then ours. What request.cookies gives is the first one.
+
+
+def raw_get(app: Flask, path: str, cookie: str) -> Any:
+    """A request with exactly this Cookie header, as a browser sends it."""
+    return app.test_client(use_cookies=False).get(path, environ_overrides={"HTTP_COOKIE": cookie})
+
+
+def test_a_cookie_planted_for_a_longer_path_does_not_hide_ours(app: Flask) -> None:
+    assert raw_get(app, "/page", "mmref=planted; mmref=ours").json == {"mmref": "ours"}
+    assert raw_get(app, "/page", "mmref=planted; _ga=1; mmref=ours").json == {"mmref": "ours"}
+    # Invalid values are skipped wherever they come.
+    assert raw_get(app, "/page", "mmref=ours; mmref=bad<x>").json == {"mmref": "ours"}
+    assert raw_get(app, "/page", "mmref=bad<x>; mmref=ours").json == {"mmref": "ours"}
+
+
+def test_a_planted_cookie_replaces_no_pending_token(app: Flask) -> None:
+    """Under first touch the player's token stays pending, in the session and after a
+    login that cleared the session, whatever cookie was planted meanwhile."""
+    client = app.test_client()
+    client.get("/page?mmref=players")
+    # The planted cookie is sent first (a longer path), ours after it. (Raw headers: the
+    # test client's jar sends cookies in the order they were set, not as browsers do.)
+    session_cookie = client.get_cookie("session")
+    assert session_cookie is not None
+    both = f"mmref=planted; session={session_cookie.value}; mmref=players"
+    response = raw_get(app, "/page", both)
+    assert response.json == {"mmref": "players"}
+    # A login cleared the session: our cookie carries the token, not the planted one.
+    assert raw_get(app, "/page", "mmref=planted; mmref=players").json == {"mmref": "players"}
+
+
+def test_our_cookie_is_set_even_when_a_planted_one_is_there(app: Flask) -> None:
+    client = app.test_client()
+    client.get("/page?mmref=players")
+    session_cookie = client.get_cookie("session")
+    assert session_cookie is not None
+    # The browser lost our cookie; a planted one is there. The player's link sets ours again.
+    response = raw_get(app, "/page?mmref=players", f"mmref=planted; session={session_cookie.value}")
+    assert response.json == {"mmref": "players"}
+    header = cookie_header(response)
+    assert header is not None
+    assert header.startswith("mmref=players;")
