@@ -255,3 +255,18 @@ def test_our_cookie_is_set_even_when_a_planted_one_is_there(app: Flask) -> None:
     header = cookie_header(response)
     assert header is not None
     assert header.startswith("mmref=players;")
+
+
+def test_a_host_prefixed_cookie_name_works_on_https(make_portal: Any) -> None:
+    # __Host-: Secure, Path=/, no Domain, so no other host or path can plant one.
+    app = make_portal(MMOLOVE_COOKIE_NAME="__Host-mmref")
+    client = app.test_client()
+    base = "https://portal.example"
+    header = cookie_header(client.get("/page?mmref=tok1", base_url=base), "__Host-mmref")
+    assert header is not None
+    assert "Secure" in header
+    assert "Path=/" in header
+    assert "Domain" not in header
+    with client.session_transaction(base_url=base) as sess:
+        sess.clear()
+    assert client.get("/page", base_url=base).json == {"mmref": "tok1"}
