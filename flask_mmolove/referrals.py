@@ -38,6 +38,12 @@ def normalize_identity(identity: object) -> str | None:
     return text
 
 
+def _short(token: str) -> str:
+    """Enough of a token to tell it apart in a log line (tokens are not secrets, but
+    some are long)."""
+    return token if len(token) <= 12 else token[:12] + "..."
+
+
 # --- registered -------------------------------------------------------------------
 
 
@@ -111,7 +117,17 @@ def record_registration(
             body=body,
             connection=connection,
         )
-        if bound != token:
+        if bound is None:
+            # One share-link token is one MMOLove referral: a replayed link (alts
+            # farming rewards, or a link passed on) refers its first account only.
+            logger.warning(
+                "referee %r was not bound: its mmref token (%s) is bound to another "
+                "account already, and one token is one referral; no registered event, "
+                "and its milestones are not referred",
+                referee,
+                _short(token),
+            )
+        elif bound != token:
             logger.info(
                 "referee %r was already bound to an earlier mmref; first touch keeps it",
                 referee,
@@ -264,9 +280,11 @@ def record_qualification(
     connection = None if portal_db is None else portal_db.connection()
     work = _request.current_work()
     bound = token
+    unwritten = False
     if bound is None and work is not None:
         # Bound in this very request, its binding not written yet (standalone).
         bound = work.bound.get(referee)
+        unwritten = bound is not None
     if bound is None:
         bound = outbox.token_for(referee, connection=connection)
     if bound is None and work is not None and work.registering and g.get("mmref") is not None:
@@ -285,6 +303,10 @@ def record_qualification(
     )
 
     def write(connection: Connection | None) -> int | None:
+        if unwritten and outbox.token_for(referee, connection=connection) != bound:
+            # Its registration's binding was refused (the token is another account's).
+            logger.debug("player %r reached the milestone but was not referred", referee)
+            return None
         return outbox.enqueue(
             event="qualified",
             token=bound,

@@ -25,14 +25,17 @@ class Enqueueing(StoreBase):
         server_event_id: str,
         body: bytes,
         connection: Connection | None = None,
-    ) -> tuple[str, int | None]:
-        """Bind ``identity`` to ``token`` if it is unbound, then enqueue if they match.
+    ) -> tuple[str | None, int | None]:
+        """Bind ``identity`` to ``token`` if both are unbound, then enqueue if they match.
 
-        First touch wins: an identity already bound keeps its first token. Returns the
-        bound token and the event's id, or None when the identity belongs to another
-        token (nothing is enqueued then). One transaction; idempotent like
-        :meth:`enqueue`. With ``connection``, both are written in the caller's
-        transaction (see :meth:`enqueue`).
+        First touch wins: an identity already bound keeps its first token. One token is
+        one MMOLove referral: a token bound to another identity is not bound again
+        (enforced by the database, concurrent registrations included). Returns the
+        token ``identity`` is bound to (None when the token was another's and the
+        identity stays unbound) and the event's id, or None when they differ (nothing
+        is enqueued then). One transaction; idempotent like :meth:`enqueue`. With
+        ``connection``, both are written in the caller's transaction (see
+        :meth:`enqueue`); a refused binding never aborts it.
         """
         values = self._event_values(
             event=event,
@@ -101,14 +104,16 @@ class Enqueueing(StoreBase):
             "next_attempt_at": now,
         }
 
-    def _bind(self, conn: Connection, binding: Mapping[str, Any]) -> str:
-        """Bind the identity unless it is bound (first touch); the token it is bound to."""
+    def _bind(self, conn: Connection, binding: Mapping[str, Any]) -> str | None:
+        """Bind the identity unless it or the token is bound; the token the identity is
+        bound to, None when the token is another identity's."""
         insert = self._sql.bind
         if insert is None:
-            insert_if_absent(conn, self.bindings, binding, ("identity",))
+            insert_if_absent(conn, self.bindings, binding, None)
         elif conn.execute(insert, binding).first() is not None:
             return str(binding["token"])
-        return str(conn.execute(self._sql.bound_token_of, binding).scalar_one())
+        token = conn.execute(self._sql.bound_token_of, binding).scalar_one_or_none()
+        return None if token is None else str(token)
 
     def _enqueue(self, conn: Connection, values: Mapping[str, Any]) -> int:
         insert = self._sql.insert_event

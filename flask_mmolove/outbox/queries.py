@@ -39,10 +39,11 @@ _ON_CONFLICT: Final = frozenset({"postgresql", "sqlite"})
 
 
 def insert_if_absent(
-    conn: Connection, table: sa.Table, values: Mapping[str, Any], key: Sequence[str]
+    conn: Connection, table: sa.Table, values: Mapping[str, Any], key: Sequence[str] | None
 ) -> None:
-    """Insert ``values`` unless a row with the same ``key`` exists; never an error, and
-    never one that aborts the transaction ``conn`` is in."""
+    """Insert ``values`` unless a row with the same ``key`` exists (None: the same value
+    of any unique key of ``table``); never an error, and never one that aborts the
+    transaction ``conn`` is in."""
     # ON CONFLICT DO NOTHING waits for a concurrent inserter of the same key and then
     # yields to it, so racing enqueuers never see an error; elsewhere a SAVEPOINT
     # keeps a unique violation from aborting the caller's transaction.
@@ -53,14 +54,9 @@ def insert_if_absent(
                 conn.execute(table.insert().values(**values))
         except sa_exc.IntegrityError:
             pass
-    elif name == "postgresql":
-        conn.execute(
-            pg_dialect.insert(table).values(**values).on_conflict_do_nothing(index_elements=key)
-        )
     else:
-        conn.execute(
-            sqlite_dialect.insert(table).values(**values).on_conflict_do_nothing(index_elements=key)
-        )
+        insert = pg_dialect.insert if name == "postgresql" else sqlite_dialect.insert
+        conn.execute(insert(table).values(**values).on_conflict_do_nothing(index_elements=key))
 
 
 def unleased(table: sa.Table, now: float | sa.BindParameter[Any]) -> sa.ColumnElement[bool]:
@@ -117,10 +113,13 @@ class Statements:
 
     @cached_property
     def bind(self) -> sa.Insert | None:
-        """Insert the binding (parameters: its columns) unless the identity is bound;
-        returns the token when it inserted. None where the dialect cannot."""
+        """Insert the binding (parameters: its columns) unless the identity or the token
+        is bound; returns the token when it inserted. None where the dialect cannot."""
+        # No conflict target: either unique key yields, and a registration racing
+        # another on one token waits for it, then inserts nothing (no error, nothing
+        # aborted in the portal's transaction).
         return self._insert_returning(
-            self.tables.bindings, ("identity", "token", "bound_at"), ("identity",), "token"
+            self.tables.bindings, ("identity", "token", "bound_at"), None, "token"
         )
 
     @cached_property
@@ -132,7 +131,7 @@ class Statements:
         )
 
     def _insert_returning(
-        self, table: sa.Table, columns: Sequence[str], key: Sequence[str], returned: str
+        self, table: sa.Table, columns: Sequence[str], key: Sequence[str] | None, returned: str
     ) -> sa.Insert | None:
         # One round trip where a row is new (the usual case) instead of an insert and a
         # read back; on a conflict nothing comes back and the caller reads the row.
@@ -143,7 +142,7 @@ class Statements:
         return (
             insert(table)
             .values({column: sa.bindparam(column) for column in columns})
-            .on_conflict_do_nothing(index_elements=list(key))
+            .on_conflict_do_nothing(index_elements=None if key is None else list(key))
             .returning(table.c[returned])
         )
 

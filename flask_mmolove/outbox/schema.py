@@ -112,6 +112,9 @@ def make_tables(prefix: str, metadata: sa.MetaData | None = None) -> Tables:
         sa.Column("identity", sa.String(IDENTITY_MAX), primary_key=True),
         sa.Column("token", sa.String(TOKEN_MAX), nullable=False),
         sa.Column("bound_at", sa.Double, nullable=False),
+        # One share-link token is one MMOLove referral: it binds one account at most,
+        # so accounts made on a replayed link are never its referee (revision 0002).
+        sa.Index(f"{p}bindings_token", "token", unique=True),
     )
     credits = sa.Table(
         f"{p}credits",
@@ -128,6 +131,9 @@ def make_tables(prefix: str, metadata: sa.MetaData | None = None) -> Tables:
         sa.Column("lease_until", sa.Double),
         sa.Column("next_attempt_at", sa.Double, nullable=False),
         sa.Index(f"{p}credits_due", "notified_at", "next_attempt_at"),
+        # A credit is MMOLove's referral's: one per token, whatever identities its
+        # events name (an operator's --token, rows bound before revision 0002).
+        sa.Index(f"{p}credits_token", "token", unique=True),
     )
     return Tables(p, metadata, events, bindings, credits)
 

@@ -51,7 +51,7 @@ class Settling(StoreBase):
         Returns the ids whose lease ``owner`` still held: only those changed. An event
         whose lease ran out and was taken over keeps what its new owner records. A
         delivered event that owes a credit writes it in the same transaction, at most
-        once per referee identity, ever.
+        once per referee identity and once per token (one MMOLove referral), ever.
         """
         owner = _owner(owner)
         ids = [ending.event_id for ending in endings]
@@ -95,7 +95,8 @@ class Settling(StoreBase):
                         "attempts": 0,
                         "next_attempt_at": now,
                     }
-                    insert_if_absent(conn, self.credits, credit, ("identity",))
+                    # Either key already credited: nothing more (never an error).
+                    insert_if_absent(conn, self.credits, credit, None)
         return set(held)
 
     def complete(

@@ -64,7 +64,7 @@ def test_a_fresh_outbox_is_made_at_the_head_with_a_version_table_of_its_own(
     assert version_rows(engine, "alembic_version") == ["portal1234"]
     version = box.schema_version()
     assert version.current
-    assert str(version) == "0001 (0.1.0 baseline)"
+    assert str(version) == "0002 (one token, one referral)"
     box.create_all()  # at the head: nothing to do, nothing refused
     box.drop_all()
     assert table_names(engine) == {"alembic_version"}
@@ -114,7 +114,8 @@ def test_on_sqlite_the_baseline_is_0_1_0s_ddl_to_the_letter(tmp_path: Path) -> N
 
     old, new = (make_engine(f"sqlite:///{tmp_path / name}") for name in ("old.db", "new.db"))
     create_010(old)
-    Outbox(new).create_all()
+    with new.begin() as conn:
+        outbox_migrate._alembic(conn, "mmolove_", "upgrade", outbox_migrate.BASELINE)
     assert len(ddl(old)) == 6  # three tables, three indexes
     assert ddl(new) == ddl(old)
     old.dispose()
@@ -205,7 +206,7 @@ def test_processes_starting_at_once_create_it_once(engine: sa.Engine) -> None:
 
 @pytest.fixture
 def two_revisions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """The shipped migrations plus a second revision, as a later release would ship."""
+    """The shipped migrations plus one more revision, as a later release would ship."""
     location = tmp_path / "migrations"
     shutil.copytree(
         outbox_migrate.SCRIPT_LOCATION, location, ignore=shutil.ignore_patterns("__pycache__")
@@ -214,8 +215,8 @@ def two_revisions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[s
         '"""a later release\'s column"""\n'
         "import sqlalchemy as sa\n"
         "from alembic import context, op\n"
-        "revision = '0002'\n"
-        "down_revision = '0001'\n"
+        "revision = 'f0a1'\n"
+        f"down_revision = {outbox_migrate._head()!r}\n"
         "branch_labels = None\n"
         "depends_on = None\n"
         "def upgrade():\n"
@@ -225,7 +226,7 @@ def two_revisions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[s
     monkeypatch.setattr(outbox_migrate, "SCRIPT_LOCATION", location)
     outbox_migrate._script.cache_clear()
     outbox_migrate._revisions.cache_clear()
-    yield "0002"
+    yield "f0a1"
     outbox_migrate._script.cache_clear()
     outbox_migrate._revisions.cache_clear()
 
@@ -238,10 +239,10 @@ def test_an_outbox_behind_the_head_is_refused_then_upgraded_through_every_revisi
         outbox_migrate._alembic(conn, "mmolove_", "upgrade", "0001")
     enqueue(Outbox(engine), 3)
     before = rows(engine)
-    with pytest.raises(OutboxOutdated, match=r"revision 0001 .*needs 0002.*db upgrade"):
+    with pytest.raises(OutboxOutdated, match=rf"revision 0001 .*needs {two_revisions}.*db upgrade"):
         Outbox(engine).create_all()
     was, now = Outbox(engine).upgrade()
-    assert (was.revision, now.revision) == ("0001", "0002")
+    assert (was.revision, now.revision) == ("0001", two_revisions)
     assert rows(engine) == before
     with engine.connect() as conn:
         columns = {c["name"] for c in sa.inspect(conn).get_columns("mmolove_events")}
@@ -256,5 +257,5 @@ def test_a_0_1_0_outbox_goes_through_every_revision_after_the_baseline(
     before = rows(engine)
     was, now = Outbox(engine).upgrade()
     assert was.unversioned
-    assert now.revision == "0002"
+    assert now.revision == two_revisions
     assert rows(engine) == before
