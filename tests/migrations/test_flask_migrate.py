@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from legacy_outbox import rows
+from legacy_outbox import create_010, rows
 
 from flask_mmolove.outbox import Outbox, make_engine
 
@@ -223,3 +223,41 @@ def _tables(url: str) -> list[str]:
             return sa.inspect(conn).get_table_names()
     finally:
         engine.dispose()
+
+
+def test_with_db_the_next_migrate_adds_one_token_one_referrals_unique_indexes(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A portal whose migrations made the outbox's tables before revision 0002 (as
+    0.1.0 declared them): its next ``flask db migrate`` adds both unique indexes, and
+    ``flask db upgrade`` creates them, its events kept."""
+    (tmp_path / "migportal.py").write_text(PORTAL)
+    flask(tmp_path, database_url, "db", "db", "init")
+    engine = make_engine(database_url)
+    create_010(engine)
+    engine.dispose()
+    before = enqueue(database_url, 3)
+
+    flask(tmp_path, database_url, "db", "db", "migrate", "-m", "one token")
+    [migration] = migration_texts(tmp_path)
+    assert "op.create_table('players'" in migration
+    for table in OUTBOX_TABLES:
+        assert f"op.create_table('{table}'" not in migration
+    for table in ("mmolove_bindings", "mmolove_credits"):
+        # op.create_index(...) or, Flask-Migrate rendering as batch, batch_op's.
+        [line] = [
+            line
+            for line in migration.splitlines()
+            if f"'{table}_token'" in line and "create_index(" in line
+        ]
+        assert "['token'], unique=True)" in line
+    flask(tmp_path, database_url, "db", "db", "upgrade")
+    assert outbox_rows(database_url) == before
+    engine = sa.create_engine(database_url)
+    with engine.connect() as conn:
+        inspector = sa.inspect(conn)
+        for table in ("mmolove_bindings", "mmolove_credits"):
+            assert {(index["name"], index["unique"]) for index in inspector.get_indexes(table)} >= {
+                (f"{table}_token", True)
+            }
+    engine.dispose()
