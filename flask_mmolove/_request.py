@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Final
 
 from flask import (
@@ -33,6 +34,7 @@ from sqlalchemy.engine import Connection
 
 from . import capture
 from ._portal_db import PortalDB
+from .outbox.engine import bounded_waits, request_waits
 from .state import MMOLoveState, get_state
 
 logger = logging.getLogger("flask_mmolove")
@@ -130,9 +132,17 @@ def _write_in_portal_transaction(
     state: MMOLoveState, portal_db: PortalDB, write: Write, then: Callable[[], None] | None
 ) -> None:
     # Outbox trouble is the portal's trouble: a failing write raises into the view,
-    # and the portal's transaction does not commit without its event.
-    event_id = write(portal_db.connection())
+    # and the portal's transaction does not commit without its event. In a request,
+    # a lock held elsewhere fails it after the request's bound, not once the lock is
+    # let go; a command or a job waits as the portal's own statements do.
+    connection = portal_db.connection()
     work = current_work()
+    with (
+        nullcontext()
+        if work is None
+        else bounded_waits(connection, state.settings.request_lock_timeout)
+    ):
+        event_id = write(connection)
     if work is not None:
         work.in_portal_transaction = True
 
@@ -250,7 +260,10 @@ def _finished(sender: Flask, response: Response, **extra: object) -> None:
     ids = []
     for write_event, _, again in writes:
         try:
-            event_id = write_event(None)
+            # A request waits for a lock (a migration, VACUUM FULL, another SQLite
+            # writer) only so long: past it, the write is lost and logged below.
+            with request_waits(state.settings.request_lock_timeout):
+                event_id = write_event(None)
         except Exception as exc:
             # The portal's own work is done and answered; failing the request now
             # would tell the player it was not. Say loudly what was lost, and how to

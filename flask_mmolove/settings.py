@@ -51,6 +51,7 @@ DEFAULTS: Final[dict[str, Any]] = {
     "MMOLOVE_CONCURRENCY": 4,
     "MMOLOVE_POLL_INTERVAL": 5.0,
     "MMOLOVE_DRAIN_TIMEOUT": 5.0,
+    "MMOLOVE_REQUEST_LOCK_TIMEOUT": 5.0,
     "MMOLOVE_FIRST_TOUCH": True,
     "MMOLOVE_COOKIE_NAME": "mmref",
     "MMOLOVE_COOKIE_MAX_AGE": _NINETY_DAYS,
@@ -86,6 +87,10 @@ class Settings:
     concurrency: int
     poll_interval: float
     drain_timeout: float
+    #: How long each of the extension's statements on a request's path may wait for a
+    #: database lock, in seconds (PostgreSQL's lock and statement timeouts, SQLite's
+    #: busy timeout); delivery keeps the engine's own waits.
+    request_lock_timeout: float
     capture: CaptureSettings
     #: The keys of :data:`CREDENTIALS` not set while enabled: nothing is sent until
     #: a restart with them. (``server_id`` is then :data:`UNSET_SERVER_ID`.)
@@ -275,6 +280,7 @@ def load_settings(app: Flask) -> Settings:
         concurrency=_whole(config, "MMOLOVE_CONCURRENCY"),
         poll_interval=_number(config, "MMOLOVE_POLL_INTERVAL"),
         drain_timeout=_seconds_or_zero(config, "MMOLOVE_DRAIN_TIMEOUT"),
+        request_lock_timeout=_number(config, "MMOLOVE_REQUEST_LOCK_TIMEOUT"),
         capture=CaptureSettings(
             cookie_name=cookie_name,
             cookie_max_age=cookie_max_age,

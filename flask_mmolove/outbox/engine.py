@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Final
 
@@ -21,6 +22,10 @@ from .values import OutboxError
 SQLITE_BUSY_TIMEOUT: Final = 30.0
 #: How long a PostgreSQL connection attempt may take before it counts as unreachable.
 PG_CONNECT_TIMEOUT: Final = 10
+
+#: A transaction begun by :func:`transaction` inside :func:`request_waits`: how long each
+#: of its statements may wait for a lock, in seconds (None: the engine's own waits).
+_REQUEST_WAIT: ContextVar[float | None] = ContextVar("mmolove_request_wait", default=None)
 
 # Execution option a read-only transaction sets so SQLite does not take the write
 # lock for it (see make_engine).
@@ -243,12 +248,149 @@ def _connection(
         raise OutboxError(
             f"cannot connect to the outbox database {_url(engine)}: {_reason(exc)}"
         ) from exc
+    wait = _REQUEST_WAIT.get()
     with conn:
         if read_only:
             # Only SQLite's begin hook reads this; elsewhere it is inert.
             conn.execution_options(**{_DEFERRED: True})
-        with explained(engine, tables, create_hint), conn.begin():
+        with (
+            explained(engine, tables, create_hint),
+            _sqlite_busy_timeout(conn, wait),
+            conn.begin(),
+        ):
+            if wait is not None and conn.dialect.name == "postgresql":
+                # Our own connection, our own transaction: the local settings end
+                # with it, so there is nothing to restore.
+                _set_pg_timeouts(conn, _milliseconds(wait))
             yield conn
+
+
+# --- bounded waits on a request's path ----------------------------------------------
+
+
+@contextmanager
+def request_waits(seconds: float) -> Iterator[None]:
+    """Within the block, each statement of a transaction :func:`transaction` begins
+    waits at most ``seconds`` for a lock another connection holds, then fails.
+
+    For the writes a request makes on the outbox's own engine: a table locked by a
+    migration or ``VACUUM FULL``, or a SQLite writer holding the file, fails the write
+    (which the caller logs, recoverably) instead of holding the request. PostgreSQL:
+    ``lock_timeout`` and ``statement_timeout`` local to the transaction. SQLite: the
+    connection's busy timeout, for the transaction, then back to the engine's (so
+    delivery, on the same pooled connections, keeps its long one). Per thread and
+    task: a context variable.
+    """
+    token = _REQUEST_WAIT.set(seconds)
+    try:
+        yield
+    finally:
+        _REQUEST_WAIT.reset(token)
+
+
+@contextmanager
+def bounded_waits(conn: Connection, seconds: float) -> Iterator[None]:
+    """Within the block, each statement on ``conn`` waits at most ``seconds`` for a lock,
+    in the transaction the caller has ``conn`` in (the portal's, with ``db=``); after it,
+    the caller's own settings are back, for the rest of its transaction. A transaction
+    :func:`transaction` begins in the block is bounded too (:func:`request_waits`).
+
+    PostgreSQL: ``lock_timeout`` and ``statement_timeout``, read first, set with
+    ``set_config(..., true)``, and set back to what they were when the block succeeds.
+    Not ``SET LOCAL`` inside a SAVEPOINT: a released savepoint keeps its local settings
+    to the end of the transaction, and a savepoint of ours would let a failed write be
+    rolled back alone, leaving the portal free to commit an account without its event
+    (and would be a savepoint behind its Session's back). When a statement of the block
+    fails, PostgreSQL has aborted the transaction: nothing runs in it again, and its
+    rollback discards these settings with it; the setting back is tried all the same
+    (another failure could leave the transaction usable) and its own failure ignored,
+    so the portal sees the first error. SQLite: the connection's busy timeout, set
+    back after the block whatever happens. Other databases: unbounded, as before.
+    """
+    milliseconds = _milliseconds(seconds)
+    with request_waits(seconds):
+        if conn.dialect.name == "sqlite":
+            with _busy_timeout(conn, milliseconds):
+                yield
+        elif conn.dialect.name == "postgresql":
+            with _pg_timeouts(conn, milliseconds):
+                yield
+        else:
+            yield
+
+
+@contextmanager
+def _pg_timeouts(conn: Connection, milliseconds: int) -> Iterator[None]:
+    before = conn.execute(
+        sa.text("SELECT current_setting('lock_timeout'), current_setting('statement_timeout')")
+    ).one()
+    _set_pg_timeouts(conn, milliseconds)
+    try:
+        yield
+    except BaseException:
+        # The transaction is aborted, most likely: its rollback discards ours.
+        with suppress(sa_exc.SQLAlchemyError):
+            _set_pg_settings(conn, before[0], before[1])
+        raise
+    _set_pg_settings(conn, before[0], before[1])
+
+
+def _milliseconds(seconds: float) -> int:
+    # Zero turns both PostgreSQL's timeouts and SQLite's off: a bound is at least 1 ms.
+    return max(1, round(seconds * 1000))
+
+
+def _set_pg_timeouts(conn: Connection, milliseconds: int) -> None:
+    _set_pg_settings(conn, f"{milliseconds}ms", f"{milliseconds}ms")
+
+
+def _set_pg_settings(conn: Connection, lock_timeout: str, statement_timeout: str) -> None:
+    # set_config(..., true) is SET LOCAL with bound values: to the end of the
+    # transaction at most.
+    conn.execute(
+        sa.text(
+            "SELECT set_config('lock_timeout', :lock, true), "
+            "set_config('statement_timeout', :statement, true)"
+        ),
+        {"lock": lock_timeout, "statement": statement_timeout},
+    )
+
+
+@contextmanager
+def _sqlite_busy_timeout(conn: Connection, seconds: float | None) -> Iterator[None]:
+    if seconds is None or conn.dialect.name != "sqlite":
+        yield
+        return
+    with _busy_timeout(conn, _milliseconds(seconds)):
+        yield
+
+
+@contextmanager
+def _busy_timeout(conn: Connection, milliseconds: int) -> Iterator[None]:
+    # On the driver's connection: a statement through ``conn`` would begin its
+    # transaction, and BEGIN IMMEDIATE is the very statement that must wait less.
+    dbapi_connection = conn.connection.dbapi_connection
+    assert dbapi_connection is not None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA busy_timeout")
+        (before,) = cursor.fetchone() or (SQLITE_BUSY_TIMEOUT * 1000,)
+        cursor.execute(f"PRAGMA busy_timeout = {milliseconds}")
+    finally:
+        cursor.close()
+    try:
+        yield
+    finally:
+        try:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute(f"PRAGMA busy_timeout = {int(before)}")
+            finally:
+                cursor.close()
+        except Exception:
+            # A connection that cannot say PRAGMA is broken: never pooled again with
+            # a short timeout, nor does this hide the block's own error.
+            conn.invalidate()
 
 
 @contextmanager
@@ -260,14 +402,22 @@ def explained(
     try:
         yield
     except sa_exc.DBAPIError as exc:
-        explanation = _explain(exc, _url(engine), tables, create_hint)
+        explanation = _explain(exc, _url(engine), tables, create_hint, _REQUEST_WAIT.get())
         if explanation is None:
             raise
         raise explanation from exc
 
 
+#: PostgreSQL's lock_not_available and query_canceled: a lock or statement timeout.
+_PG_TIMED_OUT: Final = ("55P03", "57014")
+
+
 def _explain(
-    exc: sa_exc.DBAPIError, url: str, tables: Sequence[str], create_hint: str
+    exc: sa_exc.DBAPIError,
+    url: str,
+    tables: Sequence[str],
+    create_hint: str,
+    wait: float | None = None,
 ) -> OutboxError | None:
     reason = _reason(exc)
     if getattr(exc.orig, "sqlstate", None) == "42P01" or "no such table" in reason:
@@ -275,11 +425,22 @@ def _explain(
             f"the outbox tables ({', '.join(tables)}) do not exist in {url}: {create_hint}"
         )
     if "database is locked" in reason:
+        timeout = (
+            f"{SQLITE_BUSY_TIMEOUT:g} s by default"
+            if wait is None
+            else f"{wait:g} s on a request's path, MMOLOVE_REQUEST_LOCK_TIMEOUT"
+        )
         return OutboxError(
             f"the SQLite outbox {url} stayed locked past its busy timeout "
-            f"(default {SQLITE_BUSY_TIMEOUT:g} s): another connection holds a long "
+            f"({timeout}): another connection holds a long "
             "write transaction on it, or the file is on a network filesystem, where "
             "SQLite locking does not work"
+        )
+    if wait is not None and getattr(exc.orig, "sqlstate", None) in _PG_TIMED_OUT:
+        return OutboxError(
+            f"a statement on the outbox {url} waited longer than a request may "
+            f"({wait:g} s, MMOLOVE_REQUEST_LOCK_TIMEOUT): another connection holds a "
+            f"lock on its tables (a migration, VACUUM FULL, a long transaction): {reason}"
         )
     if exc.connection_invalidated:
         return OutboxError(f"lost the connection to the outbox database {url}: {reason}")
