@@ -254,7 +254,7 @@ def _connection(
             # Only SQLite's begin hook reads this; elsewhere it is inert.
             conn.execution_options(**{_DEFERRED: True})
         with (
-            explained(engine, tables, create_hint),
+            explained(engine, tables, create_hint, wait=wait),
             _sqlite_busy_timeout(conn, wait),
             conn.begin(),
         ):
@@ -292,8 +292,9 @@ def request_waits(seconds: float) -> Iterator[None]:
 def bounded_waits(conn: Connection, seconds: float) -> Iterator[None]:
     """Within the block, each statement on ``conn`` waits at most ``seconds`` for a lock,
     in the transaction the caller has ``conn`` in (the portal's, with ``db=``); after it,
-    the caller's own settings are back, for the rest of its transaction. A transaction
-    :func:`transaction` begins in the block is bounded too (:func:`request_waits`).
+    the caller's own settings are back, for the rest of its transaction. A caller's
+    shorter wait is kept: the bound never makes a statement wait longer than the
+    caller asked. A timeout is the caller's database error, as it is.
 
     PostgreSQL: ``lock_timeout`` and ``statement_timeout``, read first, set with
     ``set_config(..., true)``, and set back to what they were when the block succeeds.
@@ -308,15 +309,14 @@ def bounded_waits(conn: Connection, seconds: float) -> Iterator[None]:
     back after the block whatever happens. Other databases: unbounded, as before.
     """
     milliseconds = _milliseconds(seconds)
-    with request_waits(seconds):
-        if conn.dialect.name == "sqlite":
-            with _busy_timeout(conn, milliseconds):
-                yield
-        elif conn.dialect.name == "postgresql":
-            with _pg_timeouts(conn, milliseconds):
-                yield
-        else:
+    if conn.dialect.name == "sqlite":
+        with _busy_timeout(conn, milliseconds):
             yield
+    elif conn.dialect.name == "postgresql":
+        with _pg_timeouts(conn, milliseconds):
+            yield
+    else:
+        yield
 
 
 @contextmanager
@@ -341,7 +341,17 @@ def _milliseconds(seconds: float) -> int:
 
 
 def _set_pg_timeouts(conn: Connection, milliseconds: int) -> None:
-    _set_pg_settings(conn, f"{milliseconds}ms", f"{milliseconds}ms")
+    # Each at most ``milliseconds``: a shorter one in force (the URL's options, the
+    # role's, the portal's) is kept; 0 means none, so ours applies. pg_settings gives
+    # the value in force in milliseconds, whatever unit it was set in.
+    conn.execute(
+        sa.text(
+            "SELECT set_config(name, CASE WHEN setting::bigint = 0 "
+            "OR setting::bigint > :ms THEN :bound ELSE current_setting(name) END, true) "
+            "FROM pg_settings WHERE name IN ('lock_timeout', 'statement_timeout')"
+        ),
+        {"ms": milliseconds, "bound": f"{milliseconds}ms"},
+    )
 
 
 def _set_pg_settings(conn: Connection, lock_timeout: str, statement_timeout: str) -> None:
@@ -375,7 +385,8 @@ def _busy_timeout(conn: Connection, milliseconds: int) -> Iterator[None]:
     try:
         cursor.execute("PRAGMA busy_timeout")
         (before,) = cursor.fetchone() or (SQLITE_BUSY_TIMEOUT * 1000,)
-        cursor.execute(f"PRAGMA busy_timeout = {milliseconds}")
+        # A shorter wait already set is kept (0 waits not at all).
+        cursor.execute(f"PRAGMA busy_timeout = {min(int(before), milliseconds)}")
     finally:
         cursor.close()
     try:
@@ -395,14 +406,19 @@ def _busy_timeout(conn: Connection, milliseconds: int) -> Iterator[None]:
 
 @contextmanager
 def explained(
-    engine: Engine, tables: Sequence[str], create_hint: str = CREATE_HINT
+    engine: Engine,
+    tables: Sequence[str],
+    create_hint: str = CREATE_HINT,
+    *,
+    wait: float | None = None,
 ) -> Iterator[None]:
     """Raise a database error of the block that needs the operator as an
-    :class:`OutboxError` saying what to fix; any other goes on as it is."""
+    :class:`OutboxError` saying what to fix; any other goes on as it is. ``wait``: the
+    request's bound the block ran under (:func:`request_waits`), for the message."""
     try:
         yield
     except sa_exc.DBAPIError as exc:
-        explanation = _explain(exc, _url(engine), tables, create_hint, _REQUEST_WAIT.get())
+        explanation = _explain(exc, _url(engine), tables, create_hint, wait)
         if explanation is None:
             raise
         raise explanation from exc
