@@ -145,6 +145,11 @@ def build_state(
     else:
         url = portal_db.engine.url
         engine = portal_db.engine if in_memory(url) else make_engine(url)
+        if engine.dialect.name == "sqlite" and not in_memory(url):
+            # The first connection switches the file to WAL: now, before the portal
+            # serves anyone, as the switch needs the file to itself.
+            with engine.connect():
+                pass
         outbox = Outbox(
             engine,
             table_prefix=settings.table_prefix,

@@ -3,7 +3,9 @@ and database errors turned into messages that say what to fix."""
 
 from __future__ import annotations
 
+import logging
 import os
+import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -17,6 +19,8 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
 from .values import OutboxError
+
+logger = logging.getLogger("flask_mmolove")
 
 #: How long a SQLite writer waits for another process's write transaction.
 SQLITE_BUSY_TIMEOUT: Final = 30.0
@@ -81,6 +85,22 @@ def in_memory(url: URL) -> bool:
     )
 
 
+def _wal(cursor: Any) -> None:
+    """Switch the database to WAL, so readers never block the writer.
+
+    The switch needs the file to itself: with the portal's own connections busy on it
+    (``db=``), SQLite refuses at once, whatever the busy timeout. Then the database
+    stays in its journal mode (correct, if slower) and a later connection tries again;
+    ``state.build_state`` switches it before the portal serves anyone.
+    """
+    try:
+        cursor.execute("PRAGMA journal_mode = WAL")
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc):
+            raise
+        logger.debug("the SQLite database is busy: not switched to WAL yet")
+
+
 def _sqlite_engine(url: URL) -> Engine:
     database = url.database or ""
     memory = in_memory(url)
@@ -109,7 +129,7 @@ def _sqlite_engine(url: URL) -> Engine:
             # busy_timeout first: switching to WAL needs a lock another process may hold.
             cursor.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
             if not memory:
-                cursor.execute("PRAGMA journal_mode = WAL")
+                _wal(cursor)
             cursor.execute("PRAGMA foreign_keys = ON")
         finally:
             cursor.close()

@@ -9,6 +9,7 @@ only once its event is committed; a milestone in the registration request counts
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -549,3 +550,18 @@ def test_a_failed_request_is_not_committed_by_the_extension(
     )
     assert response.status_code == 409
     assert stored(app) == ["registered"]
+
+
+def test_the_portals_sqlite_file_is_switched_to_wal_before_it_serves(
+    portal_config: dict[str, Any], tmp_path: Path
+) -> None:
+    # The switch needs the file to itself, which concurrent requests would not give it.
+    path = tmp_path / "fresh-portal.sqlite3"
+    app, db, ext, _ = build(portal_config, f"sqlite:///{path}", create=False)
+    try:
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        ext.shutdown(app)
+        with app.app_context():
+            db.engine.dispose()

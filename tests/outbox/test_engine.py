@@ -10,6 +10,7 @@ them. create_all is safe to race, and a table prefix is checked before it names 
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 import warnings
@@ -173,3 +174,26 @@ def test_table_prefix_is_checked(engine: sa.Engine) -> None:
     with pytest.raises(ValueError, match="table_prefix"):
         Outbox(engine, table_prefix="bad-prefix; drop")
     assert Outbox(engine, table_prefix="app_mmolove_").events.name == "app_mmolove_events"
+
+
+def test_a_database_busy_at_connect_is_used_without_wal_until_later(tmp_path: Path) -> None:
+    # The portal's own connection reads its file (db=): the switch to WAL needs the
+    # file to itself, so a connection made now works in the file's journal mode, and
+    # a later one switches it.
+    path = tmp_path / "portal.sqlite3"
+    portal = sqlite3.connect(path, isolation_level=None)
+    portal.execute("CREATE TABLE players (id INTEGER PRIMARY KEY)")
+    portal.execute("BEGIN")
+    portal.execute("SELECT * FROM players").fetchall()
+    engine = make_engine(f"sqlite:///{path}?timeout=0.2")
+    try:
+        with engine.connect() as conn:
+            mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+            assert mode == "delete"
+        portal.execute("COMMIT")
+        engine.dispose()
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        portal.close()
+        engine.dispose()
