@@ -1,12 +1,11 @@
-"""Connections to the outbox database: engines per dialect, fork safety, transactions,
-and database errors turned into messages that say what to fix."""
+"""Connections to the outbox database: engines per dialect (fork safety from
+:mod:`.forks`), transactions, bounded waits on a request's path, and database errors
+turned into messages that say what to fix."""
 
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
@@ -16,8 +15,9 @@ from typing import Any, Final
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
+from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 
+from .forks import fork_guard, refuse_foreign_connection, remember_pid
 from .values import OutboxError
 
 logger = logging.getLogger("flask_mmolove")
@@ -73,8 +73,8 @@ def make_engine(uri: str | URL) -> Engine:
         ):
             connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT
         engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
-    sa.event.listen(engine, "connect", _remember_pid)
-    sa.event.listen(engine, "checkout", _refuse_foreign_connection)
+    sa.event.listen(engine, "connect", remember_pid)
+    sa.event.listen(engine, "checkout", refuse_foreign_connection)
     return engine
 
 
@@ -143,88 +143,6 @@ def _sqlite_engine(url: URL) -> Engine:
     return engine
 
 
-# --- fork safety --------------------------------------------------------------------
-
-
-class _SQLiteForkGuard:
-    """Holds ``fork()`` back while an outbox transaction on SQLite is open.
-
-    SQLite keeps the locks of a database file in one table per process, shared by
-    all its connections. A child forked while a thread of the parent is in a
-    transaction (or its COMMIT) inherits that table but not the locks, and its own
-    connections wait for locks nobody will release, or read a half-written index:
-    "database is locked" after the busy timeout, or "disk I/O error". A fork therefore
-    waits until no transaction but the forking thread's own is open, and no new one
-    begins until it is done.
-    """
-
-    def __init__(self) -> None:
-        self._idle = threading.Condition(threading.Lock())
-        self._forking = False
-        # Open transactions, by the thread that opened them.
-        self._open: dict[int, int] = {}
-
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
-        me = threading.get_ident()
-        with self._idle:
-            # A thread already in a transaction goes on: the fork is waiting for it.
-            self._idle.wait_for(lambda: not self._forking or me in self._open)
-            self._open[me] = self._open.get(me, 0) + 1
-        try:
-            yield
-        finally:
-            with self._idle:
-                left = self._open.pop(me) - 1
-                if left:
-                    self._open[me] = left
-                self._idle.notify_all()
-
-    def _before_fork(self) -> None:
-        me = threading.get_ident()
-        self._idle.acquire()
-        self._forking = True
-        self._idle.wait_for(lambda: set(self._open) <= {me})
-
-    def _after_fork_in_parent(self) -> None:
-        self._forking = False
-        self._idle.notify_all()
-        self._idle.release()
-
-    def _after_fork_in_child(self) -> None:
-        # Only the forking thread lives on here, with its own transactions if any.
-        me = threading.get_ident()
-        self._idle = threading.Condition(threading.Lock())
-        self._forking = False
-        self._open = {me: self._open[me]} if me in self._open else {}
-
-
-_fork_guard = _SQLiteForkGuard()
-os.register_at_fork(
-    before=_fork_guard._before_fork,
-    after_in_parent=_fork_guard._after_fork_in_parent,
-    after_in_child=_fork_guard._after_fork_in_child,
-)
-
-
-def _remember_pid(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-    record.info["pid"] = os.getpid()
-
-
-def _refuse_foreign_connection(
-    dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
-) -> None:
-    # SQLAlchemy's documented fork guard: a connection inherited over fork() shares its
-    # socket or file locks with the parent; drop it without closing and make a new one.
-    pid = os.getpid()
-    if record.info.get("pid", pid) != pid:
-        record.dbapi_connection = None  # type: ignore[misc]
-        proxy.dbapi_connection = None  # type: ignore[misc]
-        raise sa_exc.DisconnectionError(
-            f"connection made in process {record.info['pid']} refused in process {pid}"
-        )
-
-
 # --- transactions -------------------------------------------------------------------
 
 
@@ -249,7 +167,7 @@ def transaction(
     """
     if engine.dialect.name == "sqlite":
         with (
-            _fork_guard.transaction(),
+            fork_guard.transaction(),
             _connection(engine, read_only, tables, create_hint) as conn,
         ):
             yield conn

@@ -39,7 +39,7 @@ from reliability_support import (
 from support import wait_for
 
 from flask_mmolove.outbox import Outbox, make_engine
-from flask_mmolove.outbox.engine import _SQLiteForkGuard
+from flask_mmolove.outbox.forks import SQLiteForkGuard
 
 
 def fork_and_run(child: Callable[[], bool], timeout: float = 20.0) -> int:
@@ -423,7 +423,7 @@ def test_fork_resets_every_deliverer_not_only_thread_mode(
 def test_a_pending_fork_lets_an_open_transaction_nest_and_finish() -> None:
     # The fork waits for the thread's transaction; were a nested one made to wait for
     # the fork, neither would ever finish.
-    guard = _SQLiteForkGuard()
+    guard = SQLiteForkGuard()
     inside, nested = threading.Event(), threading.Event()
 
     def transaction() -> None:
