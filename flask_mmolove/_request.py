@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Final
 
 from flask import (
@@ -157,6 +157,16 @@ def _write_in_portal_transaction(
             state.dispatch(ids)
 
     portal_db.after_commit(committed)
+
+
+def bounded(state: MMOLoveState, connection: Connection | None) -> AbstractContextManager[None]:
+    """A read on the request's path waits at most ``MMOLOVE_REQUEST_LOCK_TIMEOUT`` for a
+    lock (on the portal's ``connection``, or the outbox's own transactions); outside a
+    request, as the engine's own statements do."""
+    if current_work() is None:
+        return nullcontext()
+    seconds = state.settings.request_lock_timeout
+    return request_waits(seconds) if connection is None else bounded_waits(connection, seconds)
 
 
 def forget_token(state: MMOLoveState, *, committed: bool = False) -> None:

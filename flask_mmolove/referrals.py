@@ -277,46 +277,61 @@ def record_qualification(
         )
     outbox = delivery.outbox
     portal_db = state.portal_db
-    connection = None if portal_db is None else portal_db.connection()
     work = _request.current_work()
+    # Standalone in a request, the binding is looked up when the write happens, at the
+    # response: an outbox that is down then is logged with its enqueue command, and the
+    # player's /play still answers (its level may be committed already).
+    later = portal_db is None and work is not None and work.responding
     bound = token
     unwritten = False
     if bound is None and work is not None:
         # Bound in this very request, its binding not written yet (standalone).
         bound = work.bound.get(referee)
         unwritten = bound is not None
-    if bound is None:
-        bound = outbox.token_for(referee, connection=connection)
     if bound is None and work is not None and work.registering and g.get("mmref") is not None:
         # In a registration view whose referee is named when it returns: kept for then.
         work.milestones.append((referee, server_event_id))
         return True
-    if bound is None:
-        logger.debug("player %r reached the milestone but was not referred", referee)
-        return False
+    if bound is None and not later:
+        connection = None if portal_db is None else portal_db.connection()
+        with _request.bounded(state, connection):
+            bound = outbox.token_for(referee, connection=connection)
+        if bound is None:
+            logger.debug("player %r reached the milestone but was not referred", referee)
+            return False
     event_id = server_event_id or f"qual-{referee}"
-    body = build_body(
-        "qualified",
-        token=bound,
-        server_id=state.settings.server_id,
-        server_event_id=event_id,
-    )
+    given = bound
 
     def write(connection: Connection | None) -> int | None:
-        if unwritten and outbox.token_for(referee, connection=connection) != bound:
-            # Its registration's binding was refused (the token is another account's).
+        token = given
+        if token is None or unwritten:
+            bound_now = outbox.token_for(referee, connection=connection)
+            if token is None:
+                token = bound_now
+            elif bound_now != token:
+                # Its registration's binding was refused (the token is another account's).
+                token = None
+        if token is None:
             logger.debug("player %r reached the milestone but was not referred", referee)
             return None
+        body = build_body(
+            "qualified",
+            token=token,
+            server_id=state.settings.server_id,
+            server_event_id=event_id,
+        )
         return outbox.enqueue(
             event="qualified",
-            token=bound,
+            token=token,
             identity=referee,
             server_event_id=event_id,
             body=body,
             connection=connection,
         )
 
-    again = f"flask mmolove enqueue qualified --identity {referee} --token {bound}"
+    again = f"flask mmolove enqueue qualified --identity {referee}"
+    if bound is not None:
+        again += f" --token {bound}"
     if server_event_id is not None:
         again += f" --server-event-id {event_id}"
     _request.write(state, write, again=again)

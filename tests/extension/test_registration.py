@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from typing import Any
 
 import pytest
@@ -268,6 +269,38 @@ def test_a_milestone_in_a_registration_view_named_by_identity_callable_counts(
     assert client.post("/refused-and-play", data={"id": "41"}).status_code == 409
     assert app.extensions["mmolove"].outbox.list_events() == []
     assert client.post("/register-and-play", data={"id": "42"}).status_code == 201
+    assert [(r.event, r.verdict) for r in mmolove_sandbox.events] == [
+        ("registered", "advanced"),
+        ("qualified", "advanced"),
+    ]
+
+
+def test_an_outbox_down_at_the_milestone_never_fails_play_and_the_event_comes_back(
+    make_portal: Any, mmolove_sandbox: Any, caplog: pytest.LogCaptureFixture, tmp_path: Any
+) -> None:
+    # Standalone: the level is the portal's, committed in its own database; the outbox
+    # is locked by someone else at that moment. /play answers; the lost write is
+    # logged with the command that writes it again.
+    outbox_path = tmp_path / "outbox.sqlite3"
+    app = make_portal(
+        MMOLOVE_DATABASE_URI=f"sqlite:///{outbox_path}", MMOLOVE_REQUEST_LOCK_TIMEOUT=0.2
+    )
+    client = app.test_client()
+    client.get(f"/page?mmref={mmolove_sandbox.mint_token()}")
+    assert client.post("/register", data={"name": "ayla"}).status_code == 302
+    holder = sqlite3.connect(outbox_path, isolation_level=None, timeout=5)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with caplog.at_level(logging.ERROR, logger="flask_mmolove"):
+            assert client.post("/play/1000").status_code == 200
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    [error] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    command = error.getMessage().rsplit("write it again with: ", 1)[1]
+    assert command == "flask mmolove enqueue qualified --identity 1000"
+    result = app.test_cli_runner().invoke(args=command.split()[1:])
+    assert result.exit_code == 0, result.output
     assert [(r.event, r.verdict) for r in mmolove_sandbox.events] == [
         ("registered", "advanced"),
         ("qualified", "advanced"),
