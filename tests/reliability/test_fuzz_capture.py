@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from flask import Flask
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -182,23 +183,38 @@ def test_registration_keeps_only_valid_tokens_and_loses_no_valid_one(
     app, logs = fuzz_app
     outbox = app.extensions["mmolove"].outbox
     client = app.test_client()
+    token = valid_token(mmref)
+    referee = normalize_identity(identity)
+    # What earlier examples left: first touch per identity, one account per token.
+    had = outbox.token_for(referee) if referee is not None else None
+    owner = _owner_of(outbox, token) if token is not None else None
     check_response(app, client.get("/page", query_string={"mmref": mmref}))
     response = client.post("/register-callable", data={"id": identity})
     check_response(app, response)
-    token = valid_token(mmref)
-    referee = normalize_identity(identity)
     if token is not None and referee is not None:
-        # A valid token and a usable identity: recorded. (First touch per identity:
-        # an identity an earlier example registered keeps its earlier token.)
         bound = outbox.token_for(referee)
-        assert bound is not None, (len(referee), referee[:40])
-        events = [
-            e
-            for e in outbox.list_events(limit=1_000_000)
-            if (e.identity, e.token, e.event) == (referee, bound, "registered")
-        ]
-        assert events, "the registration was lost"
+        if had is not None:
+            assert bound == had
+        elif owner is not None and owner != referee:
+            assert bound is None, "one token bound a second account"
+        else:
+            # A valid token and a usable identity, both free: recorded.
+            assert bound == token, (len(referee), referee[:40])
+            events = [
+                e
+                for e in outbox.list_events(limit=1_000_000)
+                if (e.identity, e.token, e.event) == (referee, bound, "registered")
+            ]
+            assert events, "the registration was lost"
     for event in outbox.list_events(limit=5):
         assert valid_token(event.token) == event.token
         assert normalize_identity(event.identity) == event.identity
     no_raw_value_logged(logs, mmref)
+
+
+def _owner_of(outbox: Any, token: str) -> str | None:
+    """The identity ``token`` is bound to, if any."""
+    b = outbox.bindings
+    with outbox.engine.connect() as conn:
+        found = conn.execute(sa.select(b.c.identity).where(b.c.token == token)).scalar()
+    return None if found is None else str(found)

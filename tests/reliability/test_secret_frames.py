@@ -85,7 +85,13 @@ BAD_VALUES: list[tuple[str, object]] = [
 ]
 
 
-@pytest.mark.parametrize(("key", "value"), BAD_VALUES, ids=[f"{k}={v!r}" for k, v in BAD_VALUES])
+def _id(key: str, value: object) -> str:
+    # Stable across processes (pytest-xdist compares ids): an object() by its type only.
+    shown = "object()" if type(value) is object else repr(value)
+    return f"{key}={shown}"
+
+
+@pytest.mark.parametrize(("key", "value"), BAD_VALUES, ids=[_id(k, v) for k, v in BAD_VALUES])
 def test_a_configuration_error_shows_no_secret_in_any_frame(
     canary: str, tmp_path: Path, key: str, value: object
 ) -> None:
