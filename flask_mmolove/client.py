@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import requests
 from requests.structures import CaseInsensitiveDict
 from requests.utils import check_header_validity
 
+from . import _deadline
 from ._version import __version__
 from .protocol import (
     DEFAULT_ENDPOINT,
@@ -26,6 +27,29 @@ from .protocol import (
 from .redaction import Secret
 
 USER_AGENT = f"flask-mmolove/{__version__}"
+
+#: The most of an answer read. MMOLove's documented answers are a few hundred bytes
+#: of JSON; an error page from a proxy fits too. An answer that never ends would
+#: otherwise be buffered whole, growing the deliverer (in thread mode, the portal's
+#: own process) without bound. Past it the attempt is a transport error, retried
+#: with backoff: what was cut is no documented answer, and judging a truncated body
+#: could hold a deliverable event for a person.
+MAX_ANSWER: Final = 64 * 1024
+#: One read of the answer: the deadline is checked between reads (the watchdog
+#: ends one blocked past it).
+_CHUNK: Final = 8 * 1024
+
+
+class _TooLong(Exception):
+    """The answer ran past MAX_ANSWER."""
+
+
+def _cut(response: requests.Response) -> None:
+    """Close the answer's connection: never returned to the pool with unread bytes."""
+    raw = response.raw
+    close = getattr(raw, "close", None)
+    if close is not None:
+        close()
 
 
 class TransportError(RuntimeError):
@@ -158,18 +182,45 @@ class ReferralClient:
             extra=extra,
         )
 
+    @property
+    def deadline(self) -> float:
+        """Seconds an attempt may take at most, connect to the answer's last byte:
+        the connect timeout plus the read timeout."""
+        timeout = self.timeout
+        if isinstance(timeout, tuple):
+            return float(timeout[0]) + float(timeout[1])
+        return 2.0 * float(timeout)
+
     def send_body(self, body: bytes) -> SendResult:
-        """POST ``body`` exactly as given, signed now. Raises :class:`TransportError`."""
+        """POST ``body`` exactly as given, signed now. Raises :class:`TransportError`.
+
+        The whole attempt (connect, send, and reading the whole answer) ends within
+        :attr:`deadline`, however slowly the answer comes; an answer longer than
+        :data:`MAX_ANSWER` bytes is cut. Either is a :class:`TransportError`, and the
+        connection is closed, never reused.
+        """
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: self.sign(body)}
+        deadline = self.deadline
         started = time.perf_counter()
-        try:
-            response = self._post(body, headers)
-            text = response.text
-        except requests.RequestException as exc:
-            # The exception text names the host and the failure, never the secret.
-            raise TransportError(
-                f"could not reach MMOLove at {self.endpoint}: {type(exc).__name__}: {exc}"
-            ) from exc
+        with _deadline.running(deadline) as attempt:
+            try:
+                response = self._post(body, headers)
+                try:
+                    text = self._read(response, attempt)
+                finally:
+                    response.close()
+            except _TooLong as exc:
+                raise TransportError(f"MMOLove's answer from {self.endpoint}: {exc}") from exc
+            except (requests.RequestException, _deadline.DeadlinePassed) as exc:
+                if attempt.expired:
+                    raise TransportError(self._too_slow(deadline)) from exc
+                # The exception text names the host and the failure, never the secret.
+                raise TransportError(
+                    f"could not reach MMOLove at {self.endpoint}: {type(exc).__name__}: {exc}"
+                ) from exc
+            if attempt.expired:
+                # The socket was shut down under the read: what came may look whole.
+                raise TransportError(self._too_slow(deadline))
         elapsed = time.perf_counter() - started
         ok = 200 <= response.status_code < 300
         return SendResult(
@@ -180,6 +231,37 @@ class ReferralClient:
             headers=response.headers,
             elapsed=elapsed,
         )
+
+    def _too_slow(self, deadline: float) -> str:
+        return (
+            f"MMOLove's answer from {self.endpoint} took longer than {deadline:g} s "
+            "(connect timeout + read timeout); the connection was closed"
+        )
+
+    @staticmethod
+    def _read(response: requests.Response, attempt: _deadline.Attempt) -> str:
+        """The answer's body, at most MAX_ANSWER bytes, read by its deadline."""
+        raw = response.raw
+        connection = getattr(raw, "connection", None)
+        if connection is not None:
+            # Already registered when the session's adapter is an HTTPAdapter; any
+            # other urllib3 answer is covered from here on.
+            attempt.watch(connection)
+        length = response.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > MAX_ANSWER:
+            _cut(response)
+            raise _TooLong(f"the answer announced {length} bytes, more than {MAX_ANSWER}")
+        chunks: list[bytes] = []
+        size = 0
+        for chunk in response.iter_content(_CHUNK):
+            size += len(chunk)
+            if size > MAX_ANSWER:
+                _cut(response)
+                raise _TooLong(f"the answer ran past {MAX_ANSWER} bytes; cut there")
+            chunks.append(chunk)
+        # The same decoding as Response.text, from what was read.
+        response._content = b"".join(chunks)
+        return response.text
 
     def _post(self, body: bytes, headers: dict[str, str]) -> requests.Response:
         # Session.post() costs as much CPU again as the HTTP exchange itself: it scans
@@ -199,6 +281,7 @@ class ReferralClient:
         prepared.headers["Content-Length"] = str(len(body))
         prepared.body = body
         adapter = session.get_adapter(self._url)
+        _deadline.arm_adapter(adapter)
         try:
             return adapter.send(prepared, timeout=self.timeout, **self._send_settings())
         except ValueError:
@@ -214,12 +297,15 @@ class ReferralClient:
 
     def _send_settings(self) -> dict[str, Any]:
         """Proxies, TLS verification and client certificate, as ``post(verify=True)``
-        resolves them: read from the session and the environment at the first send."""
+        resolves them: read from the session and the environment at the first send;
+        and ``stream=True``."""
         settings = self._settings
         if settings is None:
             settings = dict(
                 self._session.merge_environment_settings(self.endpoint, {}, None, True, None)
             )
+            # Streamed: the answer is read here, capped and by its deadline.
+            settings["stream"] = True
             self._settings = settings
         return settings
 
