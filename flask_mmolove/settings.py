@@ -257,6 +257,19 @@ def load_settings(app: Flask) -> Settings:
     if not cookie_name or not session_key:
         raise ConfigurationError("MMOLOVE_COOKIE_NAME and MMOLOVE_SESSION_KEY must be non-empty")
 
+    timeout = (
+        _number(config, "MMOLOVE_CONNECT_TIMEOUT"),
+        _number(config, "MMOLOVE_READ_TIMEOUT"),
+    )
+    lease = _number(config, "MMOLOVE_LEASE")
+    if lease <= sum(timeout):
+        # A claim that can expire while its attempt still runs lets a second
+        # deliverer send the same event at the same time.
+        raise ConfigurationError(
+            f"MMOLOVE_LEASE ({lease:g} s) must be longer than an attempt's deadline, "
+            f"MMOLOVE_CONNECT_TIMEOUT + MMOLOVE_READ_TIMEOUT ({sum(timeout):g} s)"
+        )
+
     return Settings(
         enabled=enabled,
         server_id=server_id or "",
@@ -267,15 +280,12 @@ def load_settings(app: Flask) -> Settings:
         table_prefix=table_prefix,
         delivery=delivery,
         test_mode=_flag(config, "MMOLOVE_TEST_MODE"),
-        timeout=(
-            _number(config, "MMOLOVE_CONNECT_TIMEOUT"),
-            _number(config, "MMOLOVE_READ_TIMEOUT"),
-        ),
+        timeout=timeout,
         retry_base=_number(config, "MMOLOVE_RETRY_BASE"),
         retry_cap=_number(config, "MMOLOVE_RETRY_CAP"),
         slow_retry=_number(config, "MMOLOVE_SLOW_RETRY"),
         max_age=_number(config, "MMOLOVE_MAX_AGE"),
-        lease=_number(config, "MMOLOVE_LEASE"),
+        lease=lease,
         batch_size=_whole(config, "MMOLOVE_BATCH_SIZE"),
         concurrency=_whole(config, "MMOLOVE_CONCURRENCY"),
         poll_interval=_number(config, "MMOLOVE_POLL_INTERVAL"),

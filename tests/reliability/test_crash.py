@@ -39,6 +39,9 @@ def test_sigkilled_worker_events_are_delivered_after_the_lease(
         tmp_path,
         MMOLOVE_DATABASE_URI=uri,
         MMOLOVE_LEASE=LEASE,
+        # An attempt's deadline (connect + read) must fit inside the lease.
+        MMOLOVE_CONNECT_TIMEOUT=0.5,
+        MMOLOVE_READ_TIMEOUT=1.0,
         MMOLOVE_CONCURRENCY=4,
         MMOLOVE_POLL_INTERVAL=0.1,
         MMOLOVE_RETRY_BASE=0.05,

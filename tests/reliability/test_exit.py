@@ -83,6 +83,9 @@ def test_exit_within_drain_bound_then_a_later_process_delivers(
         "MMOLOVE_DELIVERY": "thread",
         "MMOLOVE_DRAIN_TIMEOUT": DRAIN,
         "MMOLOVE_LEASE": 3.0,
+        # Inside the lease, and still longer than the drain: a send outlives it.
+        "MMOLOVE_CONNECT_TIMEOUT": 1.0,
+        "MMOLOVE_READ_TIMEOUT": 1.9,
         "MMOLOVE_RETRY_BASE": 0.05,
         "MMOLOVE_RETRY_CAP": 0.2,
         "MMOLOVE_POLL_INTERVAL": 0.2,

@@ -38,6 +38,9 @@ def _env(sandbox: Any, database_uri: str, **portal: Any) -> dict[str, str]:
         "PORTAL_SQLALCHEMY_DATABASE_URI": json.dumps(database_uri),
         "PORTAL_MMOLOVE_DELIVERY": json.dumps("worker"),
         "PORTAL_MMOLOVE_LEASE": json.dumps(1.0),
+        # An attempt's deadline (connect + read) must fit inside the lease.
+        "PORTAL_MMOLOVE_CONNECT_TIMEOUT": json.dumps(0.3),
+        "PORTAL_MMOLOVE_READ_TIMEOUT": json.dumps(0.5),
         "PORTAL_MMOLOVE_RETRY_BASE": json.dumps(0.05),
         "PORTAL_MMOLOVE_RETRY_CAP": json.dumps(0.2),
     }
