@@ -59,7 +59,11 @@ def _require_client() -> tuple[MMOLoveState, Delivery, ReferralClient]:
 @click.option("--burst", is_flag=True, help="Deliver what is due now, then exit.")
 @with_appcontext
 def worker_command(burst: bool) -> None:
-    """Deliver events from the outbox until stopped (SIGTERM or Ctrl-C finish the pass)."""
+    """Deliver events from the outbox until stopped.
+
+    SIGTERM or Ctrl-C: no new send starts, sends in flight end within
+    MMOLOVE_CONNECT_TIMEOUT + MMOLOVE_READ_TIMEOUT, and claims not sent are handed back.
+    """
     _, delivery, client = _require_client()
     deliverer = delivery.deliverer
     stopping = False
