@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from ..client import SendResult
@@ -83,17 +85,36 @@ class Senders:
                     if len(self._answers) >= self._expected:
                         self._answered.notify()
 
-    def collect(self) -> list[tuple[OutboxEvent, Answer | None]]:
-        """Wait for the answers of every submitted event; return them."""
+    def collect(
+        self, heartbeat: Callable[[], None] = lambda: None, every: float = math.inf
+    ) -> list[tuple[OutboxEvent, Answer | None]]:
+        """Wait for the answers of every submitted event; return them.
+
+        ``heartbeat`` is called every ``every`` seconds while answers are still due
+        (the deliverer renews its leases there), in the caller's thread.
+        """
+        beat_at = time.monotonic() + every
         if self._concurrency <= 1:
-            answers = [self._answer(event) for event in self._unsent]
+            answers = []
+            for event in self._unsent:
+                if time.monotonic() >= beat_at:
+                    heartbeat()
+                    beat_at = time.monotonic() + every
+                answers.append(self._answer(event))
             self._unsent.clear()
             return answers
-        with self._answered:
-            self._answered.wait_for(lambda: len(self._answers) >= self._expected)
-            answers, self._answers = self._answers, []
-            self._expected = 0
-        return answers
+        while True:
+            with self._answered:
+                done = self._answered.wait_for(
+                    lambda: len(self._answers) >= self._expected,
+                    timeout=max(0.0, beat_at - time.monotonic()) if every < math.inf else None,
+                )
+                if done:
+                    answers, self._answers = self._answers, []
+                    self._expected = 0
+                    return answers
+            heartbeat()
+            beat_at = time.monotonic() + every
 
     def close(self) -> None:
         """Let the threads end once they are idle (a hung send ends when it times out)."""

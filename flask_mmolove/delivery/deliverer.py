@@ -6,6 +6,7 @@ module only carries it out: record it in the outbox, then tell the portal by sig
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -178,7 +179,14 @@ class Deliverer:
                 report.claimed = len(events)
                 if events:
                     senders.submit(events)
-                    self._record(senders.collect(), report)
+                    # A pass may send for longer than a lease (MMOLove slow, many
+                    # events): its holder renews them while it works, so no second
+                    # deliverer takes over a live claim; a dead holder renews nothing.
+                    answers = senders.collect(
+                        heartbeat=functools.partial(self._renew, [e.id for e in events]),
+                        every=settings.lease / 3,
+                    )
+                    self._record(answers, report)
                 report.credited = self.notify_credits()
                 total += report
                 if on_pass is not None and report.claimed:
@@ -224,13 +232,32 @@ class Deliverer:
             logger.exception("event %d: sending failed unexpectedly", event.id)
             return None, f"{type(exc).__name__}: {exc}"
 
+    def _renew(self, ids: Sequence[int]) -> None:
+        try:
+            held = self.outbox.renew(self.owner, ids, lease=self.settings.lease)
+        except Exception:
+            # The database is out of reach: the leases may run out, and a late answer
+            # is then refused as for any lost lease.
+            logger.exception("could not renew the leases of %d event(s) in flight", len(ids))
+            return
+        if held < len(ids):
+            logger.warning("%d event(s) in flight: lease lost before renewal", len(ids) - held)
+
     def notify_credits(self) -> int:
-        """Send ``referrer_credited`` for every credit not yet announced."""
+        """Send ``referrer_credited`` for every credit not yet announced (at most a
+        batch per call).
+
+        One at a time, each claimed just before it is announced: its lease covers its
+        own receivers only, never a queue of others before it (receivers that take a
+        second or two each would outlive a lease shared by a batch, and a second
+        deliverer would announce the tail again).
+        """
         sent = 0
-        for credit in self.outbox.claim_credits(
-            self.owner, limit=self.settings.batch_size, lease=self.settings.lease
-        ):
-            if self._announce(credit):
+        for _ in range(self.settings.batch_size):
+            credits = self.outbox.claim_credits(self.owner, limit=1, lease=self.settings.lease)
+            if not credits:
+                break
+            if self._announce(credits[0]):
                 sent += 1
         return sent
 

@@ -181,6 +181,23 @@ class Statements:
         )
 
     @cached_property
+    def renew_leases(self) -> sa.Update:
+        """Extend to the parameter ``until`` the leases the parameter ``owner`` holds on
+        the events with the parameter ``ids`` (expanding); a lease another has taken
+        over is left alone."""
+        e = self.tables.events
+        return (
+            sa.update(e)
+            .where(
+                e.c.id.in_(sa.bindparam("ids", expanding=True)),
+                e.c.lease_owner == sa.bindparam("owner"),
+                e.c.state == PENDING,
+            )
+            # A leased row is next due when its lease runs out (see _lease).
+            .values(lease_until=sa.bindparam("until"), next_attempt_at=sa.bindparam("until"))
+        )
+
+    @cached_property
     def claim_events(self) -> Lease:
         """Due events, oldest due first."""
         return self._claim_events(by_id=False)

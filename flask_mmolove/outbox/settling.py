@@ -136,6 +136,22 @@ class Settling(StoreBase):
         ending = Ending.dead(event_id, status=status, reason=reason, error=error)
         return event_id in self.settle(owner, [ending])
 
+    def renew(self, owner: str, ids: Sequence[int], *, lease: float) -> int:
+        """Extend ``owner``'s leases on ``ids`` to ``lease`` seconds from now, while it is
+        still at work on them; return how many it still held. A holder that dies stops
+        renewing, and its leases run out as before."""
+        owner = _owner(owner)
+        _positive("lease", lease)
+        ids = [int(i) for i in ids]
+        if not ids:
+            return 0
+        now = self.clock()
+        with self._transaction() as conn:
+            done = conn.execute(
+                self._sql.renew_leases, {"ids": ids, "owner": owner, "until": now + lease}
+            )
+            return int(done.rowcount)
+
     def release_dry_runs(self) -> int:
         """Make every event held after a dry run due now, to be sent for real (test
         mode is off); return how many."""
