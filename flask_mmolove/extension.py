@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +32,9 @@ class MMOLove:
         ``MMOLOVE_DATABASE_URI``.
     :param session: with plain SQLAlchemy instead of ``db``: the portal's
         ``scoped_session``; give ``metadata`` (its ``MetaData``) with it.
-    :param clock: the time source for delivery (tests of backoff inject one).
+    :param clock: the time source for delivery (tests of backoff inject one); without
+        one, the system's, and leases on PostgreSQL follow the database's clock (hosts'
+        clocks may be minutes apart).
     :param jitter: returns a float in [0, 1) that spreads retry delays.
     """
 
@@ -44,7 +45,7 @@ class MMOLove:
         db: Any = None,
         session: SessionSource | None = None,
         metadata: sa.MetaData | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         jitter: Callable[[], float] = random.random,
     ) -> None:
         self._db = db

@@ -120,7 +120,7 @@ def build_state(
     settings: Settings,
     *,
     portal_db: PortalDB | None = None,
-    clock: Callable[[], float] = time.time,
+    clock: Callable[[], float] | None = None,
     jitter: Callable[[], float] = random.random,
 ) -> MMOLoveState:
     """The state for ``settings``: the outbox, client and deliverer (with no client,
@@ -183,7 +183,7 @@ def build_state(
         outbox,
         client,
         settings,
-        clock=clock,
+        clock=clock or time.time,
         jitter=jitter,
         portal_session=None if portal_db is None else portal_db.session,
     )

@@ -24,7 +24,7 @@ class StoreBase:
         engine: Engine,
         *,
         table_prefix: str = "mmolove_",
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         metadata: sa.MetaData | None = None,
         create_hint: str = CREATE_HINT,
     ) -> None:
@@ -33,7 +33,10 @@ class StoreBase:
         self._sql = Statements(self._tables, engine.dialect)
         self.engine = engine
         self.table_prefix = table_prefix
-        self.clock = clock
+        self.clock: Callable[[], float] = clock or time.time
+        # Without a clock of the caller's, leases are timed by the database's clock on
+        # PostgreSQL: hosts' clocks may be minutes apart, the database is one.
+        self._database_clock = clock is None and engine.dialect.name == "postgresql"
         self.metadata = self._tables.metadata
         self.events = self._tables.events
         self.bindings = self._tables.bindings
@@ -48,21 +51,24 @@ class StoreBase:
     def _lease(
         self,
         statements: Lease,
-        now: float,
         params: dict[str, Any],
         *,
         owner: str,
-        until: float,
-        **values: Any,
+        lease: float,
+        stamp_attempt: bool = False,
     ) -> list[sa.Row[Any]]:
-        """Lease up to ``params["limit"]`` rows that are due at ``now`` to ``owner``;
-        the rows as they are now, oldest due first. ``values`` sets further columns.
+        """Lease up to ``params["limit"]`` rows that are due now to ``owner`` for
+        ``lease`` seconds; the rows as they are now, oldest due first. With
+        ``stamp_attempt``, ``last_attempt_at`` is set to now.
 
         The one claiming mechanism of the outbox, for events and credits alike: each
         claim counts as an attempt, and the row is next due when its lease runs out.
         """
-        params = {**params, "now": now}
         with self._transaction() as conn:
+            now = self._now(conn)
+            params = {**params, "now": now}
+            until = now + lease
+            values = {"last_attempt_at": now} if stamp_attempt else {}
             chosen = list(conn.scalars(statements.pick, params))
             if not chosen:
                 return []
@@ -83,6 +89,12 @@ class StoreBase:
         position = {k: n for n, k in enumerate(chosen)}
         key = statements.key.name
         return sorted(rows, key=lambda row: position[row._mapping[key]])
+
+    def _now(self, conn: Connection) -> float:
+        """Now, for leases: the database's clock or the outbox's own (see ``__init__``)."""
+        if self._database_clock:
+            return float(conn.execute(self._sql.database_now).scalar_one())
+        return self.clock()
 
     def _transaction(self, *, read_only: bool = False) -> AbstractContextManager[Connection]:
         if self._refusal is not None:

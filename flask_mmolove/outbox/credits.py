@@ -21,10 +21,7 @@ class Credits(StoreBase):
         owner = _owner(owner)
         limit = _limit(limit)
         _positive("lease", lease)
-        now = self.clock()
-        rows = self._lease(
-            self._sql.claim_credits, now, {"limit": limit}, owner=owner, until=now + lease
-        )
+        rows = self._lease(self._sql.claim_credits, {"limit": limit}, owner=owner, lease=lease)
         return [Credit.from_row(row) for row in rows]
 
     def finish_credit(

@@ -181,6 +181,11 @@ class Statements:
         )
 
     @cached_property
+    def database_now(self) -> sa.Select[Any]:
+        """The database's clock, in unix seconds (PostgreSQL)."""
+        return sa.select(sa.func.extract("epoch", sa.func.clock_timestamp()))
+
+    @cached_property
     def renew_leases(self) -> sa.Update:
         """Extend to the parameter ``until`` the leases the parameter ``owner`` holds on
         the events with the parameter ``ids`` (expanding); a lease another has taken

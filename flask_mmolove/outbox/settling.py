@@ -39,10 +39,7 @@ class Settling(StoreBase):
             if not params["ids"]:
                 return []
             statements = self._sql.claim_events_by_id
-        now = self.clock()
-        rows = self._lease(
-            statements, now, params, owner=owner, until=now + lease, last_attempt_at=now
-        )
+        rows = self._lease(statements, params, owner=owner, lease=lease, stamp_attempt=True)
         return [OutboxEvent.from_row(row) for row in rows]
 
     def settle(self, owner: str, endings: Sequence[Ending]) -> set[int]:
@@ -145,10 +142,10 @@ class Settling(StoreBase):
         ids = [int(i) for i in ids]
         if not ids:
             return 0
-        now = self.clock()
         with self._transaction() as conn:
+            until = self._now(conn) + lease
             done = conn.execute(
-                self._sql.renew_leases, {"ids": ids, "owner": owner, "until": now + lease}
+                self._sql.renew_leases, {"ids": ids, "owner": owner, "until": until}
             )
             return int(done.rowcount)
 
@@ -168,10 +165,9 @@ class Settling(StoreBase):
         Either way an event in flight keeps its lease and a delivered one stays
         delivered. A dead event starts over at zero attempts.
         """
-        now = self.clock()
         if ids is not None:
             ids = [int(i) for i in ids]
             if not ids:
                 return 0
         with self._transaction() as conn:
-            return int(conn.execute(self._sql.requeue(ids, now)).rowcount)
+            return int(conn.execute(self._sql.requeue(ids, self._now(conn))).rowcount)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -242,3 +243,30 @@ def test_claim_and_settle_never_read_every_waiting_event(tmp_path: Path) -> None
             assert not step.startswith("SCAN"), (statement, steps)
             assert not step.endswith("USING INDEX mmolove_events_due (state=?)"), (statement, steps)
     outbox.dispose()
+
+
+@pytest.mark.postgres
+def test_hosts_minutes_apart_never_share_a_lease(
+    pg_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Leases follow the database's clock: a host 90 s behind (more than the lease)
+    # still leases for the lease's whole length, as the other host sees it.
+    prefix = _prefix()
+    right = Outbox(make_engine(pg_uri), table_prefix=prefix)
+    right.create_all()
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 90)
+    behind = Outbox(make_engine(pg_uri), table_prefix=prefix)
+    monkeypatch.setattr(time, "time", real)
+    try:
+        _enqueue(right, 1)
+        assert [e.id for e in behind.claim("host-behind", limit=10, lease=60)]
+        assert right.claim("host-right", limit=10, lease=60) == []
+        # And the other way round.
+        _enqueue(right, 2)
+        assert [e.id for e in right.claim("host-right", limit=10, lease=60)]
+        assert behind.claim("host-behind", limit=10, lease=60) == []
+    finally:
+        right.drop_all()
+        right.dispose()
+        behind.dispose()
