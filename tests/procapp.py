@@ -7,6 +7,9 @@ read by ``app.config.from_prefixed_env``). Each outcome signal appends
 
 Used as ``flask --app procapp.py mmolove worker``, as ``gunicorn procapp:app``, and as
 ``python procapp.py enqueue TOKENS_FILE`` (register one player per token, then exit).
+
+``PORTAL_RECEIVER_SECONDS`` makes the ``referrer_credited`` receiver take that long
+before it journals, as a portal's grant does when it is an RPC to the game server.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ def create_app() -> Flask:
     ):
 
         def receiver(sender: Flask, _name: str = name, **kw: Any) -> None:
+            if _name == "credited":
+                time.sleep(float(app.config.get("RECEIVER_SECONDS", 0)))
             _journal(f"{os.getpid()} {_name} {kw['identity']}")
 
         signal.connect(receiver, sender=app, weak=False)
