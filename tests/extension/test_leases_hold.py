@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Flask
 from reliability_support import enqueue_pairs, open_outbox, posts_per_key
+from support import wait_for
 
 from flask_mmolove import MMOLove, referrer_credited
 from flask_mmolove.outbox import Ending
@@ -50,22 +51,29 @@ def test_a_pass_that_sends_for_longer_than_its_lease_keeps_its_claim(
     make_portal: Callable[..., Flask], mmolove_sandbox: Any, tmp_path: Any
 ) -> None:
     uri = f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
-    pairs = enqueue_pairs(open_outbox(uri), mmolove_sandbox, 6, qualified=False)
+    outbox = open_outbox(uri)
+    pairs = enqueue_pairs(outbox, mmolove_sandbox, 6, qualified=False)
     first, second = _portals(make_portal, uri, MMOLOVE_CONCURRENCY=1)
     # MMOLove takes half a second an answer; one send at a time: the pass takes three
     # leases' time.
     mmolove_sandbox.delay_next(6, 0.5)
+    reports: list[Any] = []
+    holder = threading.Thread(
+        target=lambda: reports.append(first.extensions["mmolove"].deliverer.drain())
+    )
+    holder.start()
+    # The rival starts once the first holds all six.
+    wait_for(lambda: outbox.stats().in_flight == len(pairs), 10, "the first's claim")
     done = threading.Event()
     rival = _keep_claiming(second, done.is_set)
     try:
-        first_deliverer = first.extensions["mmolove"].deliverer
-        report = first_deliverer.drain()
+        holder.join(30)
     finally:
         done.set()
         rival.join(10)
     assert mmolove_sandbox.accepted_count("registered") == len(pairs)
     assert max(posts_per_key(mmolove_sandbox).values()) == 1
-    assert report.delivered == len(pairs)
+    assert reports[0].delivered == len(pairs)
 
 
 def test_credits_are_announced_once_by_two_deliverers_with_slow_receivers(
