@@ -65,9 +65,12 @@ class StoreBase:
         claim counts as an attempt, and the row is next due when its lease runs out.
         """
         with self._transaction() as conn:
-            now = self._now(conn)
-            params = {**params, "now": now}
-            until = now + lease
+            # Due times were written by the hosts' own clocks, so "due" is by this
+            # one's; leases, which other hosts must respect, by the lease clock.
+            now = self.clock()
+            lease_now = self._now(conn)
+            params = {**params, "now": now, "lease_now": lease_now}
+            until = lease_now + lease
             values = {"last_attempt_at": now} if stamp_attempt else {}
             chosen = list(conn.scalars(statements.pick, params))
             if not chosen:

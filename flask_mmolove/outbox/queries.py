@@ -217,7 +217,7 @@ class Statements:
         due = sa.and_(
             e.c.state == PENDING,
             e.c.next_attempt_at <= sa.bindparam("now"),
-            unleased(e, sa.bindparam("now")),
+            unleased(e, sa.bindparam("lease_now")),
             ~self.waits_for_older,
         )
         if by_id:
@@ -231,7 +231,7 @@ class Statements:
         due = sa.and_(
             c.c.notified_at.is_(None),
             c.c.next_attempt_at <= sa.bindparam("now"),
-            unleased(c, sa.bindparam("now")),
+            unleased(c, sa.bindparam("lease_now")),
         )
         return self._lease(c.c.identity, due, (c.c.next_attempt_at, c.c.created_at, c.c.identity))
 

@@ -259,7 +259,8 @@ def test_hosts_minutes_apart_never_share_a_lease(
     behind = Outbox(make_engine(pg_uri), table_prefix=prefix)
     monkeypatch.setattr(time, "time", real)
     try:
-        _enqueue(right, 1)
+        # Due by the behind host's own clock: it wrote the event.
+        _enqueue(behind, 1)
         assert [e.id for e in behind.claim("host-behind", limit=10, lease=60)]
         assert right.claim("host-right", limit=10, lease=60) == []
         # And the other way round.
@@ -270,3 +271,25 @@ def test_hosts_minutes_apart_never_share_a_lease(
         right.drop_all()
         right.dispose()
         behind.dispose()
+
+
+@pytest.mark.postgres
+def test_a_host_ahead_of_the_database_claims_what_it_just_wrote(
+    pg_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Due times are the hosts' own (written at enqueue, or as backoff): a host whose
+    # clock runs ahead of the database's still finds its fresh event due at once, as
+    # inline delivery needs; only leases follow the database's clock.
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 5)
+    ahead = Outbox(make_engine(pg_uri), table_prefix=_prefix())
+    monkeypatch.setattr(time, "time", real)
+    ahead.create_all()
+    try:
+        event_id = _enqueue(ahead, 1)
+        assert [e.id for e in ahead.claim("host-ahead", limit=10, lease=60, ids=[event_id])] == [
+            event_id
+        ]
+    finally:
+        ahead.drop_all()
+        ahead.dispose()
