@@ -49,7 +49,7 @@ TITLE = "Where the time of one delivery goes"
 
 CATEGORIES = (
     ("JSON", ("json/", "json\\")),
-    ("signing", ("hmac", "hashlib", "_hashlib", "protocol.py:1")),
+    ("signing", ("hmac", "hashlib", "_hashlib", "protocol/signatures.py:")),
     ("database", ("sqlalchemy", "sqlite3", "psycopg", "flask_mmolove/outbox/")),
     ("HTTP", ("requests", "urllib3", "http/client", "socket", "ssl", "email/", "selectors")),
     ("threads and locks", ("threading", "queue", "_thread")),

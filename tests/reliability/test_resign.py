@@ -14,7 +14,7 @@ from flask import Flask
 from reliability_support import outbox_of, record_figures, register, state
 from support import FakeClock
 
-import flask_mmolove.protocol as protocol
+import flask_mmolove.protocol.signatures as protocol
 from flask_mmolove import MMOLove
 from flask_mmolove.protocol import (
     SIGNATURE_HEADER,
