@@ -9,11 +9,13 @@ a fixture here only where its tests truly need something else, and says why.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from flask import Flask
 from portal import portals
 from support import postgres_url
@@ -50,3 +52,19 @@ def make_portal(portal_config: dict[str, Any]) -> Iterator[Callable[..., Flask]]
 def pg_uri() -> str:
     """The test PostgreSQL URL: skips without MMOLOVE_TEST_POSTGRES_URL, fails in CI."""
     return postgres_url()
+
+
+@pytest.fixture
+def pg_schema_uri(pg_uri: str) -> Iterator[str]:
+    """``pg_uri`` in a schema of the test's own (search_path), dropped afterwards."""
+    schema = "t_" + uuid.uuid4().hex[:10]
+    admin = sa.create_engine(pg_uri)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    url = sa.make_url(pg_uri).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()

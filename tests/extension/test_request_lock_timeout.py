@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -205,22 +204,6 @@ def test_db_mode_sqlite_the_portal_keeps_its_busy_timeout(
         assert response.json["after"] == response.json["before"]
     with app.app_context():
         assert _count(db.engine, "mmolove_events") == 2
-
-
-@pytest.fixture
-def pg_schema_uri(pg_uri: str) -> Iterator[str]:
-    """``pg_uri`` in a schema of the test's own (search_path), dropped afterwards."""
-    schema = "locks_" + uuid.uuid4().hex[:10]
-    admin = sa.create_engine(pg_uri)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    url = sa.make_url(pg_uri).update_query_dict({"options": f"-csearch_path={schema}"})
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
 
 
 @pytest.fixture

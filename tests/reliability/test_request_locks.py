@@ -19,8 +19,7 @@ import re
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,22 +121,6 @@ def _count(uri: str, table: str) -> int:
             return int(rows.scalar_one())
     finally:
         engine.dispose()
-
-
-@pytest.fixture
-def pg_schema_uri(pg_uri: str) -> Iterator[str]:
-    """``pg_uri`` in a schema of the test's own (search_path), dropped afterwards."""
-    schema = "locks_" + uuid.uuid4().hex[:10]
-    admin = sa.create_engine(pg_uri)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    url = sa.make_url(pg_uri).update_query_dict({"options": f"-csearch_path={schema}"})
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
 
 
 def _pg_lock(uri: str, table: str) -> Callable[[], Callable[[], None]]:
