@@ -188,3 +188,50 @@ def journal(path: Path) -> list[list[str]]:
     if not path.exists():
         return []
     return [line.split() for line in path.read_text().splitlines() if line.strip()]
+
+
+def libfaketime() -> str | None:
+    """Debian's libfaketime (package ``libfaketime``), which shifts a process's clock."""
+    import glob
+
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    found += sorted(glob.glob("/usr/local/lib/faketime/libfaketime.so.1"))
+    return found[0] if found else None
+
+
+def skewed(env: dict[str, str], seconds: float) -> dict[str, str]:
+    """``env`` for a process whose wall clock reads ``seconds`` ahead (behind if
+    negative) of the machine's, as on a host whose clock has drifted.
+
+    Monotonic clocks are left alone: a drifted host's timers still run true.
+    """
+    library = libfaketime()
+    if library is None:
+        raise RuntimeError("libfaketime is missing: apt-get install libfaketime")
+    preload = " ".join(x for x in (library, env.get("LD_PRELOAD", "")) if x)
+    return {
+        **env,
+        "LD_PRELOAD": preload,
+        "FAKETIME": f"{seconds:+g}s",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        # Read the offset once: nothing changes it while the process runs.
+        "FAKETIME_NO_CACHE": "0",
+    }
+
+
+def concurrent_posts(sandbox: Any) -> list[tuple[str, str]]:
+    """(token, event) of every pair of real POSTs of one event that MMOLove had in hand
+    at once: each request spans its arrival to its answer (``received`` to ``time``)."""
+    spans: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for record in sandbox.events:
+        if record.token and record.event and record.verdict != "test":
+            start = record.received if record.received is not None else record.time
+            spans.setdefault((record.token, record.event), []).append((start, record.time))
+    overlapping = []
+    for key, intervals in spans.items():
+        latest_end = float("-inf")
+        for start, end in sorted(intervals):
+            if start < latest_end:
+                overlapping.append(key)
+            latest_end = max(latest_end, end)
+    return overlapping

@@ -128,6 +128,7 @@ def _fault_reply(fault: Fault) -> Response:
 
 def _ingest() -> Response:
     state = sandbox_state()
+    received, peer = state.clock(), request.remote_addr
     raw = request.get_data(cache=True)
     signature = request.headers.get(SIGNATURE_HEADER)
     content_type = request.headers.get("Content-Type")
@@ -142,16 +143,26 @@ def _ingest() -> Response:
             content_type=content_type,
             status=response.status_code,
             response=answered if isinstance(answered, dict) else None,
+            received=received,
+            peer=peer,
         )
         return response
     if fault is not None and fault.kind == "drop" and not fault.after_commit:
-        state.log_fault(raw, signature, fault, content_type=content_type)
+        state.log_fault(
+            raw, signature, fault, content_type=content_type, received=received, peer=peer
+        )
         return _drop_connection()
     if fault is not None and fault.kind == "delay":
         state.wait(fault.seconds)
     lose_answer = fault is not None and fault.kind == "drop"
     reply = state.ingest(
-        raw, signature, content_type=content_type, fault=fault, answered=not lose_answer
+        raw,
+        signature,
+        content_type=content_type,
+        fault=fault,
+        answered=not lose_answer,
+        received=received,
+        peer=peer,
     )
     if lose_answer:
         return _drop_connection()

@@ -34,6 +34,11 @@ class LogRecord:
     fault: str | None = None
     #: Whether the event was written (counted, deduplicated, state advanced).
     committed: bool = False
+    #: When the request arrived, before any scripted delay (``time`` is when it was
+    #: decided): the span a sender waited on it, to tell overlapping sends apart.
+    received: float | None = None
+    #: The sender's address, as the server saw it.
+    peer: str | None = None
 
     @property
     def body_text(self) -> str:
@@ -56,6 +61,8 @@ class LogRecord:
             "verdict": self.verdict,
             "fault": self.fault,
             "committed": self.committed,
+            "received": self.received,
+            "peer": self.peer,
             "response": self.response,
             "body": self.body_text,
             "signature": self.signature,
@@ -89,6 +96,8 @@ class DeliveryLog:
         response: dict[str, Any] | None,
         fault: str | None,
         committed: bool,
+        received: float | None = None,
+        peer: str | None = None,
     ) -> None:
         self._seq += 1
         peeked = peek(raw)
@@ -107,6 +116,8 @@ class DeliveryLog:
                 server_event_id=peeked.get("server_event_id"),
                 fault=fault,
                 committed=committed,
+                received=received,
+                peer=peer,
             )
         )
 

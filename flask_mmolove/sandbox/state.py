@@ -168,6 +168,8 @@ class SandboxState:
         content_type: str | None = None,
         fault: Fault | None = None,
         answered: bool = True,
+        received: float | None = None,
+        peer: str | None = None,
     ) -> Reply:
         """Handle one POST to the ingest endpoint and log it.
 
@@ -190,6 +192,8 @@ class SandboxState:
                 response=reply.data,
                 fault=fault.label if fault else None,
                 committed=reply.committed,
+                received=received,
+                peer=peer,
             )
             return reply
 
@@ -202,6 +206,8 @@ class SandboxState:
         content_type: str | None = None,
         status: int | None = None,
         response: dict[str, Any] | None = None,
+        received: float | None = None,
+        peer: str | None = None,
     ) -> None:
         """Log a request a fault answered with ``status`` or, with None, dropped unhandled."""
         with self._lock:
@@ -215,6 +221,8 @@ class SandboxState:
                 response=response,
                 fault=fault.label,
                 committed=False,
+                received=received,
+                peer=peer,
             )
 
     def _decide(self, raw: bytes, signature: str | None, now: float) -> Reply:

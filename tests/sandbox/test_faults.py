@@ -50,7 +50,12 @@ def test_delay_next_holds_the_answer(
     result = mmolove_client.registered(token, referee_identity="p", server_event_id="reg-p")
     assert time.monotonic() - started >= 0.4
     assert result.outcome is Outcome.ADVANCED
-    assert mmolove_sandbox.events[-1].fault == "delay"
+    held = mmolove_sandbox.events[-1]
+    assert held.fault == "delay"
+    # The log spans the wait: from arrival, before the delay, to the answer.
+    assert held.received is not None
+    assert held.time - held.received >= 0.4
+    assert held.peer == "127.0.0.1"
     started = time.monotonic()
     mmolove_client.qualified(token, server_event_id="qual-p")
     assert time.monotonic() - started < 0.4
