@@ -190,13 +190,30 @@ def journal(path: Path) -> list[list[str]]:
     return [line.split() for line in path.read_text().splitlines() if line.strip()]
 
 
-def libfaketime() -> str | None:
-    """Debian's libfaketime (package ``libfaketime``), which shifts a process's clock."""
-    import glob
+def wallclock_shift() -> str | None:
+    """tests/native/wallclock_shift.c built as a shared library (once per source), or
+    None without a C compiler."""
+    import hashlib
+    import shutil
+    import tempfile
 
-    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
-    found += sorted(glob.glob("/usr/local/lib/faketime/libfaketime.so.1"))
-    return found[0] if found else None
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    source = HERE / "native" / "wallclock_shift.c"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    library = Path(tempfile.gettempdir()) / f"mmolove-wallclock-shift-{digest}.so"
+    if not library.exists():
+        # Built beside its final name, then renamed: parallel test workers never see
+        # half a library.
+        partial = library.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run(
+            [compiler, "-shared", "-fPIC", "-O2", "-o", str(partial), str(source), "-ldl"],
+            check=True,
+            capture_output=True,
+        )
+        os.replace(partial, library)
+    return str(library)
 
 
 def skewed(env: dict[str, str], seconds: float) -> dict[str, str]:
@@ -205,18 +222,11 @@ def skewed(env: dict[str, str], seconds: float) -> dict[str, str]:
 
     Monotonic clocks are left alone: a drifted host's timers still run true.
     """
-    library = libfaketime()
+    library = wallclock_shift()
     if library is None:
-        raise RuntimeError("libfaketime is missing: apt-get install libfaketime")
+        raise RuntimeError("a C compiler is needed to build tests/native/wallclock_shift.c")
     preload = " ".join(x for x in (library, env.get("LD_PRELOAD", "")) if x)
-    return {
-        **env,
-        "LD_PRELOAD": preload,
-        "FAKETIME": f"{seconds:+g}s",
-        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
-        # Read the offset once: nothing changes it while the process runs.
-        "FAKETIME_NO_CACHE": "0",
-    }
+    return {**env, "LD_PRELOAD": preload, "WALLCLOCK_SHIFT_SECONDS": f"{seconds:g}"}
 
 
 def concurrent_posts(sandbox: Any) -> list[tuple[str, str]]:

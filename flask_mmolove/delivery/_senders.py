@@ -16,6 +16,8 @@ logger = logging.getLogger("flask_mmolove")
 
 #: What a send gave: MMOLove's answer, or no answer and why (a transport error).
 Answer = tuple[SendResult | None, str | None]
+#: Sends one event: its answer, or None when it was not sent after all.
+Send = Callable[[OutboxEvent], Answer | None]
 
 
 class Senders:
@@ -24,7 +26,7 @@ class Senders:
     Threads are started as work arrives and end with the run (:meth:`close`); with a
     concurrency of one, events are sent in the caller's thread by :meth:`collect`.
     Every submitted event gets exactly one answer, None when ``should_stop()`` was
-    true (or raised) before it was sent.
+    true (or raised) before it was sent, or the batch's ``send`` did not send it.
 
     The threads are daemon threads, never a ``ThreadPoolExecutor``: the interpreter
     joins an executor's threads at exit, so a send hanging on a silent MMOLove would
@@ -33,14 +35,12 @@ class Senders:
 
     def __init__(
         self,
-        send: Callable[[OutboxEvent], Answer],
         concurrency: int,
         should_stop: Callable[[], bool],
     ) -> None:
-        self._send = send
         self._concurrency = concurrency
         self._should_stop = should_stop
-        self._jobs: queue.SimpleQueue[OutboxEvent | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[OutboxEvent, Send] | None] = queue.SimpleQueue()
         # Answers in, and how many the submitted events will give: collect() is woken
         # once, when the last one is in.
         self._answers: list[tuple[OutboxEvent, Answer | None]] = []
@@ -48,16 +48,17 @@ class Senders:
         self._answered = threading.Condition(threading.Lock())
         self._threads: list[threading.Thread] = []
         # Without threads: submitted, to be sent here by collect().
-        self._unsent: list[OutboxEvent] = []
+        self._unsent: list[tuple[OutboxEvent, Send]] = []
 
-    def submit(self, events: Sequence[OutboxEvent]) -> None:
+    def submit(self, events: Sequence[OutboxEvent], send: Send) -> None:
+        """Send ``events`` with ``send``, one call per event."""
         if self._concurrency <= 1:
-            self._unsent.extend(events)
+            self._unsent.extend((event, send) for event in events)
             return
         with self._answered:
             self._expected += len(events)
         for event in events:
-            self._jobs.put(event)
+            self._jobs.put((event, send))
         # Only a BaseException (the interpreter going down) ends a thread early.
         self._threads = [thread for thread in self._threads if thread.is_alive()]
         while len(self._threads) < min(self._concurrency, len(events)):
@@ -65,20 +66,21 @@ class Senders:
             thread.start()
             self._threads.append(thread)
 
-    def _answer(self, event: OutboxEvent) -> tuple[OutboxEvent, Answer | None]:
+    def _answer(self, event: OutboxEvent, send: Send) -> tuple[OutboxEvent, Answer | None]:
         try:
             stopping = self._should_stop()
         except Exception:
             logger.exception("should_stop raised: taken as stop, event %d not sent", event.id)
             stopping = True
-        return event, None if stopping else self._send(event)
+        return event, None if stopping else send(event)
 
     def _work(self) -> None:
-        while (event := self._jobs.get()) is not None:
+        while (job := self._jobs.get()) is not None:
+            event, send = job
             # Whatever happens, the event is answered: collect() waits for every one.
             answer: tuple[OutboxEvent, Answer | None] = (event, None)
             try:
-                answer = self._answer(event)
+                answer = self._answer(event, send)
             finally:
                 with self._answered:
                     self._answers.append(answer)
@@ -96,11 +98,11 @@ class Senders:
         beat_at = time.monotonic() + every
         if self._concurrency <= 1:
             answers = []
-            for event in self._unsent:
+            for event, send in self._unsent:
                 if time.monotonic() >= beat_at:
                     heartbeat()
                     beat_at = time.monotonic() + every
-                answers.append(self._answer(event))
+                answers.append(self._answer(event, send))
             self._unsent.clear()
             return answers
         while True:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from flask import Flask
 from sqlalchemy.orm import Session
 
+from .._deadline import TICK
 from ..client import ReferralClient, SendResult, TransportError
 from ..outbox import Credit, Outbox, OutboxEvent
 from ..protocol import Outcome, with_server_id
@@ -59,6 +60,28 @@ class PassReport:
     def settled_undelivered(self) -> bool:
         """Every claimed event went back to wait (or died): nothing more is due now."""
         return self.claimed == self.tested + self.retried + self.dead + self.released
+
+
+class _PassLease:
+    """When the leases of one pass's events run out at the earliest, by this process's
+    monotonic clock, so no send starts that could outlive them.
+
+    The database times a lease from within the call that takes or renews it, so the
+    call's start plus the lease is never later than the database's expiry, whatever
+    either wall clock reads. A holder cut off from the database (a link down, a lock)
+    cannot renew: once its leases may have run out, another deliverer may be sending
+    the same events, and this one must not start them.
+    """
+
+    def __init__(self, lease: float, started: float) -> None:
+        self.lease = lease
+        self.expires = started + lease
+
+    def renewed(self, started: float) -> None:
+        self.expires = max(self.expires, started + self.lease)
+
+    def covers(self, seconds: float) -> bool:
+        return time.monotonic() + seconds <= self.expires
 
 
 def _new_owner() -> str:
@@ -169,21 +192,23 @@ class Deliverer:
             # Looked for at most once a poll interval: it is a write.
             self.outbox.release_dry_runs()
             self._release_dry_runs_at = now + settings.poll_interval
-        senders = Senders(self._send, settings.concurrency, should_stop)
+        senders = Senders(settings.concurrency, should_stop)
         try:
             while True:
                 report = PassReport()
+                started = time.monotonic()
                 events = self.outbox.claim(
                     self.owner, limit=settings.batch_size, lease=settings.lease, ids=ids
                 )
                 report.claimed = len(events)
                 if events:
-                    senders.submit(events)
+                    held = _PassLease(settings.lease, started)
+                    senders.submit(events, functools.partial(self._send_held, held))
                     # A pass may send for longer than a lease (MMOLove slow, many
                     # events): its holder renews them while it works, so no second
                     # deliverer takes over a live claim; a dead holder renews nothing.
                     answers = senders.collect(
-                        heartbeat=functools.partial(self._renew, [e.id for e in events]),
+                        heartbeat=functools.partial(self._renew, [e.id for e in events], held),
                         every=settings.lease / 3,
                     )
                     self._record(answers, report)
@@ -215,6 +240,27 @@ class Deliverer:
             setattr(report, verdict.count, getattr(report, verdict.count) + 1)
             verdict.tell()
 
+    def _send_held(self, held: _PassLease, event: OutboxEvent) -> Answer | None:
+        """Send ``event`` if its lease outlasts the attempt, renewing it first if need
+        be; None (not sent, handed back) if the lease cannot be made to."""
+        # The attempt's deadline, and the watchdog's lateness in enforcing it.
+        attempt = sum(self.settings.timeout) + TICK
+        if not held.covers(attempt):
+            started = time.monotonic()
+            try:
+                renewed = self.outbox.renew(self.owner, [event.id], lease=self.settings.lease)
+            except Exception:
+                logger.exception("event %d: could not renew its lease", event.id)
+                renewed = 0
+            if renewed != 1 or not _PassLease(self.settings.lease, started).covers(attempt):
+                logger.warning(
+                    "event %d not sent: its lease may have run out (not renewed in time); "
+                    "handed back",
+                    event.id,
+                )
+                return None
+        return self._send(event)
+
     def _send(self, event: OutboxEvent) -> Answer:
         client = self.client
         assert client is not None, "a paused deliverer claims nothing"
@@ -232,7 +278,8 @@ class Deliverer:
             logger.exception("event %d: sending failed unexpectedly", event.id)
             return None, f"{type(exc).__name__}: {exc}"
 
-    def _renew(self, ids: Sequence[int]) -> None:
+    def _renew(self, ids: Sequence[int], lease: _PassLease) -> None:
+        started = time.monotonic()
         try:
             held = self.outbox.renew(self.owner, ids, lease=self.settings.lease)
         except Exception:
@@ -241,7 +288,11 @@ class Deliverer:
             logger.exception("could not renew the leases of %d event(s) in flight", len(ids))
             return
         if held < len(ids):
+            # Which were lost is not known: the unsent go back once the earlier
+            # leases may have run out.
             logger.warning("%d event(s) in flight: lease lost before renewal", len(ids) - held)
+        else:
+            lease.renewed(started)
 
     def notify_credits(self) -> int:
         """Send ``referrer_credited`` for every credit not yet announced (at most a
