@@ -171,14 +171,29 @@ class Hosts:
     def posts_from(self, name: str) -> int:
         return sum(1 for r in self.sandbox.events if self.names.get(r.peer or "") == name)
 
-    def held_by(self, name: str) -> int:
-        return int(
-            _scalar(
-                self.engine,
-                "SELECT count(*) FROM mmolove_events WHERE lease_owner LIKE :owner",
-                owner=f"%:{self.workers[name].pid}:%",
-            )
-        )
+    def leases_of(self, name: str) -> tuple[int, float | None]:
+        """How many events host ``name`` holds, and when the last of its leases ends
+        (the database's clock, which is this machine's)."""
+        with self.engine.connect() as conn:
+            held, until = conn.execute(
+                sa.text(
+                    "SELECT count(*), max(lease_until) FROM mmolove_events "
+                    "WHERE lease_owner LIKE :owner"
+                ),
+                {"owner": f"%:{self.workers[name].pid}:%"},
+            ).one()
+        return int(held), None if until is None else float(until)
+
+    def answered_after(self, name: str, deadline: float, before: float) -> list[Any]:
+        """Host ``name``'s POSTs that arrived before ``before`` and were still in
+        MMOLove's hands at ``deadline``."""
+        return [
+            r
+            for r in self.sandbox.events
+            if self.names.get(r.peer or "") == name
+            and (r.received or r.time) < before
+            and r.time > deadline
+        ]
 
     def settled(self) -> bool:
         stats = self.outbox.stats()
@@ -222,7 +237,6 @@ def _run(
         assert _wait(lambda: hosts.posts_from("h1") >= 1, 60) is not None, "host 1 sent nothing"
         hosts.start("h2")
         hosts.start("h3")
-        held = hosts.held_by("h1")
         h1_host, h1_relay = hosts.hosts["h1"], hosts.relays["h1"]
         if cut == "cable":
             network.cut(h1_host)
@@ -230,7 +244,13 @@ def _run(
             h1_relay.cut()
         cut_at = time.monotonic()
         posts_before_cut = hosts.posts_from("h1")
-        time.sleep(CUT_SECONDS)
+        # What host 1 holds now is all it will hold until it is back: a renewal it
+        # sends from now on is held at the cut (whatever reached the database before
+        # is committed by the time this reads).
+        time.sleep(0.5)
+        held, lease_end = hosts.leases_of("h1")
+        time.sleep(CUT_SECONDS - 0.5)
+        restored_wall = time.time()
         if cut == "cable":
             network.restore(h1_host)
         else:
@@ -244,6 +264,8 @@ def _run(
         stats = hosts.outbox.stats()
         overlapping = concurrent_posts(hosts.sandbox)
         per_host = {name: hosts.posts_from(name) for name in SKEWS}
+        assert lease_end is not None
+        outlived = hosts.answered_after("h1", lease_end, restored_wall)
         twice = sorted(referee for referee, n in grants.items() if n > 1)
         record_figures(
             name,
@@ -256,6 +278,7 @@ def _run(
             posts_per_host=str(per_host),
             posts=len(hosts.sandbox.events),
             concurrent_posts=len(overlapping),
+            h1_posts_outliving_its_lease=len(outlived),
             credited=len(grants),
             credited_twice=len(twice),
             seconds_after_restore=seconds,
@@ -264,6 +287,9 @@ def _run(
         assert seconds is not None, f"not settled within {SETTLE_BOUND} s of the return: {stats}"
         for worker_name, worker in hosts.workers.items():
             assert worker.returncode == 0, f"{worker_name}: {hosts.outputs[worker_name]}"
+        # Cut off, host 1 had no POST in MMOLove's hands once its leases ran out: had
+        # it, another host could be sending the same event.
+        assert outlived == [], f"{len(outlived)} POSTs by host 1 outlived its lease"
         assert overlapping == [], f"{len(overlapping)} events posted twice at once"
         assert twice == [], f"{len(twice)} referees credited twice: {twice}"
         assert sorted(grants) == sorted(identity for identity, _ in hosts.pairs)
