@@ -123,7 +123,9 @@ class Relay:
 
     :meth:`cut` stops it forwarding anything, in either direction, until
     :meth:`restore`: what crosses it is held, and nothing is closed, as on a link that
-    is down (a partition between one host and this service only).
+    is down (a partition between one host and this service only). :meth:`cut_after`
+    cuts it the moment a given request has gone through, to land the cut inside a
+    chosen transaction.
     """
 
     def __init__(self, listen: str, target: tuple[str, int]) -> None:
@@ -135,6 +137,9 @@ class Relay:
         self._closed = False
         self._up = threading.Event()
         self._up.set()
+        self._trip: bytes | None = None
+        #: Set when a :meth:`cut_after` cut happened.
+        self.tripped = threading.Event()
         threading.Thread(target=self._accept, name="relay-accept", daemon=True).start()
 
     def _accept(self) -> None:
@@ -155,23 +160,36 @@ class Relay:
                     outbound.close()
                     return
                 self._sockets += [inbound, outbound]
-            for source, sink in ((inbound, outbound), (outbound, inbound)):
+            for source, sink, upstream in ((inbound, outbound, True), (outbound, inbound, False)):
                 threading.Thread(
-                    target=self._pipe, args=(source, sink), name="relay-pipe", daemon=True
+                    target=self._pipe,
+                    args=(source, sink, upstream),
+                    name="relay-pipe",
+                    daemon=True,
                 ).start()
 
     def cut(self) -> None:
         self._up.clear()
 
+    def cut_after(self, marker: bytes) -> None:
+        """Cut the link right after the first chunk a client sends that holds ``marker``
+        (a statement's text) has been passed on to the service."""
+        self._trip = marker
+
     def restore(self) -> None:
         self._up.set()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, upstream: bool) -> None:
         try:
             while self._up.wait() and (data := source.recv(65536)):
                 # Read while up, held while down: nothing read crosses a cut link.
                 self._up.wait()
                 sink.sendall(data)
+                trip = self._trip
+                if upstream and trip is not None and trip in data:
+                    self._trip = None
+                    self.cut()
+                    self.tripped.set()
         except OSError:
             pass
         finally:

@@ -101,8 +101,11 @@ def run_worker(
 ) -> PassReport:
     """The ``flask mmolove worker`` loop: deliver until stopped (or, in burst, until idle).
 
-    Burst drains one after the other, no wait between, and ends at the first that
-    finds nothing due.
+    A failing pass (the database restarting, or out of reach) is logged and tried
+    again after a poll interval: a worker outlives what a host's network does to it,
+    and what it held when cut off is refused when it is back. Burst drains one after
+    the other, no wait between, ends at the first that finds nothing due, and fails on
+    the first error (its exit status is what cron reports).
     """
     if burst:
         return deliver_until(
@@ -112,4 +115,4 @@ def run_worker(
             wait=False,
             on_pass=on_pass,
         )
-    return deliver_until(deliverer, should_stop=should_stop, on_pass=on_pass)
+    return deliver_until(deliverer, should_stop=should_stop, on_pass=on_pass, survive_errors=True)

@@ -26,6 +26,9 @@ logger = logging.getLogger("flask_mmolove")
 SQLITE_BUSY_TIMEOUT: Final = 30.0
 #: How long a PostgreSQL connection attempt may take before it counts as unreachable.
 PG_CONNECT_TIMEOUT: Final = 10
+#: How long PostgreSQL lets a session of the outbox's sit idle inside a transaction
+#: before it ends the session, releasing its row locks.
+PG_IDLE_IN_TRANSACTION_TIMEOUT: Final = 10
 
 #: A transaction begun by :func:`transaction` inside :func:`request_waits`: how long each
 #: of its statements may wait for a lock, in seconds (None: the engine's own waits).
@@ -53,8 +56,12 @@ def make_engine(uri: str | URL) -> Engine:
     for tests, not for several processes.
 
     PostgreSQL and others: ``pool_pre_ping`` so a connection dropped by a restart or a
-    proxy is replaced instead of failing the next claim, and a connect timeout for the
-    psycopg drivers.
+    proxy is replaced instead of failing the next claim. With the psycopg drivers, a
+    connect timeout, and sessions ended by PostgreSQL once idle inside a transaction
+    for ``PG_IDLE_IN_TRANSACTION_TIMEOUT`` seconds: the outbox's transactions never
+    wait on anything but their own statements, so such a session belongs to a host cut
+    off mid-transaction, whose row locks would otherwise hide its claim's rows from
+    every other deliverer (claims skip locked rows) until TCP gives up, hours later.
 
     Fork: a child process must not use its parent's connections. After ``fork()`` call
     ``engine.dispose(close=False)`` in the child (closing would shut the parent's
@@ -73,9 +80,32 @@ def make_engine(uri: str | URL) -> Engine:
         ):
             connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT
         engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+        if url.get_backend_name() == "postgresql" and url.get_driver_name() in (
+            "psycopg",
+            "psycopg2",
+        ):
+            sa.event.listen(engine, "connect", _end_idle_transactions)
     sa.event.listen(engine, "connect", remember_pid)
     sa.event.listen(engine, "checkout", refuse_foreign_connection)
     return engine
+
+
+def _end_idle_transactions(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+    """For the session: see ``make_engine``. Outside a transaction (autocommit), as
+    SQLAlchemy's documented recipe for session settings does."""
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    try:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                (f"{PG_IDLE_IN_TRANSACTION_TIMEOUT}s",),
+            )
+        finally:
+            cursor.close()
+    finally:
+        dbapi_connection.autocommit = autocommit
 
 
 def in_memory(url: URL) -> bool:

@@ -360,14 +360,23 @@ class Statements:
     # --- reading ------------------------------------------------------------------
 
     def next_event_due(self) -> sa.Select[Any]:
+        """The earliest due time of an unleased pending event (host clocks), and the
+        earliest end of a live lease on one (the lease clock, ``lease_now``)."""
         e = self.tables.events
-        return sa.select(sa.func.min(e.c.next_attempt_at)).where(
-            e.c.state == PENDING, ~self.waits_for_older
-        )
+        return self._next_due(e).where(e.c.state == PENDING, ~self.waits_for_older)
 
     def next_credit_due(self) -> sa.Select[Any]:
+        """As :meth:`next_event_due`, for unannounced credits."""
         c = self.tables.credits
-        return sa.select(sa.func.min(c.c.next_attempt_at)).where(c.c.notified_at.is_(None))
+        return self._next_due(c).where(c.c.notified_at.is_(None))
+
+    @staticmethod
+    def _next_due(table: sa.Table) -> sa.Select[Any]:
+        free = unleased(table, sa.bindparam("lease_now"))
+        return sa.select(
+            sa.func.min(sa.case((free, table.c.next_attempt_at))),
+            sa.func.min(sa.case((~free, table.c.lease_until))),
+        )
 
     def event_counts(self, now: float) -> sa.Select[Any]:
         """Per state: how many, how many leased at ``now``, and the oldest's creation."""

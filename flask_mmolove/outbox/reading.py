@@ -19,9 +19,18 @@ class Reading(StoreBase):
         one is settled, by the deliverer that settles it.
         """
         with self._transaction(read_only=True) as conn:
-            event_due = conn.execute(self._sql.next_event_due()).scalar_one_or_none()
-            credit_due = conn.execute(self._sql.next_credit_due()).scalar_one_or_none()
-        times = [float(t) for t in (event_due, credit_due) if t is not None]
+            lease_now = self._now(conn)
+            now = self.clock()
+            params = {"lease_now": lease_now}
+            rows = [
+                conn.execute(self._sql.next_event_due(), params).one(),
+                conn.execute(self._sql.next_credit_due(), params).one(),
+            ]
+        times = [float(due) for due, _ in rows if due is not None]
+        # A live lease ends by the lease clock (the database's, on PostgreSQL): on a
+        # host whose clock is ahead of it, the lease's end read as a due time would be
+        # long past, and the host would poll without a pause until the lease ran out.
+        times += [now + float(until) - lease_now for _, until in rows if until is not None]
         return min(times) if times else None
 
     def stats(self) -> Stats:

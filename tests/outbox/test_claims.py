@@ -293,3 +293,31 @@ def test_a_host_ahead_of_the_database_claims_what_it_just_wrote(
     finally:
         ahead.drop_all()
         ahead.dispose()
+
+
+@pytest.mark.postgres
+def test_a_host_ahead_of_the_database_waits_out_a_live_lease(
+    pg_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A lease ends by the database's clock. Read as a due time by a host 90 s ahead, it
+    # would look long past: the host would run pass after empty pass, without a pause,
+    # for the whole lease.
+    prefix = _prefix()
+    right = Outbox(make_engine(pg_uri), table_prefix=prefix)
+    right.create_all()
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 90)
+    ahead = Outbox(make_engine(pg_uri), table_prefix=prefix)
+    monkeypatch.setattr(time, "time", real)
+    try:
+        _enqueue(right, 1)
+        assert [e.id for e in right.claim("host-right", limit=10, lease=60)]
+        assert ahead.claim("host-ahead", limit=10, lease=60) == []
+        due = ahead.next_due_at()
+        assert due is not None
+        # The lease's end as the ahead host's clock reads it: about 60 s from now.
+        assert 55 <= due - ahead.clock() <= 61
+    finally:
+        right.drop_all()
+        right.dispose()
+        ahead.dispose()

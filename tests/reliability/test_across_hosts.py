@@ -320,3 +320,59 @@ def test_a_host_cut_off_from_the_database_mid_pass(
     network: Network, pg_schema_uri: str, tmp_path: Path
 ) -> None:
     _run(network, pg_schema_uri, tmp_path, "15.8 database cut off", cut="database")
+
+
+#: How long host 1 stays cut off with its claim's transaction open: a lock held
+#: for most of a minute.
+HOLD_SECONDS = 45.0
+
+
+def test_a_host_cut_off_inside_its_claims_transaction(
+    network: Network, pg_schema_uri: str, tmp_path: Path
+) -> None:
+    """Host 1's link to the database goes down right after its claim has picked (and
+    locked) its batch, before the lease is written and committed. PostgreSQL holds
+    those row locks for as long as the session lives, and claims pass over locked rows:
+    the batch must not wait for host 1's return (or for TCP to give up, hours later)."""
+    hosts = Hosts(network, pg_schema_uri, tmp_path)
+    try:
+        relay = hosts.relays["h1"]
+        relay.cut_after(b"SKIP LOCKED")
+        hosts.start("h1")
+        assert relay.tripped.wait(60), "host 1 never claimed"
+        cut_at = time.monotonic()
+        hosts.start("h2")
+        hosts.start("h3")
+        seconds = _wait(hosts.settled, HOLD_SECONDS)
+        held_at_the_end = time.monotonic() - cut_at
+        time.sleep(max(0.0, HOLD_SECONDS - held_at_the_end))
+        relay.restore()
+        # Host 1 is back: whatever it still had in hand is refused.
+        assert _wait(hosts.settled, SETTLE_BOUND) is not None
+        time.sleep(LEASE / 2)
+        hosts.stop()
+        grants = hosts.grants()
+        overlapping = concurrent_posts(hosts.sandbox)
+        record_figures(
+            "15.8 cut off inside a claim",
+            referees=REFEREES,
+            hold_s=HOLD_SECONDS,
+            settled_while_cut_off_s=seconds,
+            posts_per_host=str({name: hosts.posts_from(name) for name in SKEWS}),
+            posts=len(hosts.sandbox.events),
+            concurrent_posts=len(overlapping),
+            credited=len(grants),
+            credited_twice=sum(1 for n in grants.values() if n > 1),
+        )
+        assert seconds is not None, (
+            f"the batch host 1 had picked waited for its return ({HOLD_SECONDS} s): "
+            f"{hosts.outbox.stats()}"
+        )
+        for name, worker in hosts.workers.items():
+            assert worker.returncode == 0, f"{name}: {hosts.outputs[name]}"
+        assert overlapping == []
+        assert set(grants.values()) == {1}
+        assert sorted(grants) == sorted(identity for identity, _ in hosts.pairs)
+        assert_exactly_once(hosts.sandbox, hosts.pairs, ["registered", "qualified"])
+    finally:
+        hosts.close()
