@@ -7,7 +7,7 @@ import time
 
 from . import process
 from .deliverer import Deliverer, PassReport
-from .loop import deliver_until
+from .loop import deliver_until, survive_everything
 
 
 class BackgroundDelivery:
@@ -82,5 +82,5 @@ class BackgroundDelivery:
             finished=self._drained,
             wake=self._wake,
             bound=lambda: self._stop_at,
-            survive_errors=True,
+            survive=survive_everything,
         )

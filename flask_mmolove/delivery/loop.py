@@ -9,6 +9,9 @@ import time
 from collections.abc import Callable
 from typing import Final
 
+from sqlalchemy import exc as sa_exc
+
+from ..outbox import OutboxUnreachable
 from .deliverer import Deliverer, PassReport
 
 logger = logging.getLogger("flask_mmolove")
@@ -21,6 +24,22 @@ STOP_CHECK: Final = 0.2
 
 def _never(report: PassReport) -> bool:
     return False
+
+
+def _fatal(exc: Exception) -> bool:
+    return False
+
+
+def survive_everything(exc: Exception) -> bool:
+    """The background thread's rule: a failing pass never takes the portal down."""
+    return True
+
+
+def survive_unreachable(exc: Exception) -> bool:
+    """The worker's rule: the database out of reach for now (refused, lost, locked, a
+    timeout) is survived; what needs the operator (an outdated schema, missing tables,
+    a bug) ends the worker with its error, for its supervisor to report."""
+    return isinstance(exc, OutboxUnreachable | sa_exc.OperationalError | sa_exc.InterfaceError)
 
 
 def _unbounded() -> float | None:
@@ -36,7 +55,7 @@ def deliver_until(
     wake: threading.Event | None = None,
     bound: Callable[[], float | None] = _unbounded,
     on_pass: Callable[[PassReport], None] | None = None,
-    survive_errors: bool = False,
+    survive: Callable[[Exception], bool] = _fatal,
 ) -> PassReport:
     """Drain passes until ``should_stop()``, or until ``finished(report)`` for a drain.
 
@@ -44,8 +63,8 @@ def deliver_until(
     event's due time, ``MMOLOVE_POLL_INTERVAL``, ``wake`` being set, ``should_stop()``,
     and ``bound()`` (a ``time.monotonic()`` deadline, or None). A ``wake`` event must
     also be set by whoever makes ``should_stop()`` true: the wait then asks it only
-    once. With ``survive_errors`` a failing pass (the database down) is logged and
-    the loop goes on; otherwise it raises.
+    once. A pass failing with an error ``survive(error)`` accepts is logged and the
+    loop goes on (after the wait); any other error is raised.
     """
     total = PassReport()
     while not should_stop():
@@ -53,8 +72,8 @@ def deliver_until(
             wake.clear()
         try:
             report = deliverer.drain(should_stop=should_stop, on_pass=on_pass)
-        except Exception:
-            if not survive_errors:
+        except Exception as exc:
+            if not survive(exc):
                 raise
             logger.exception("delivery pass failed; the events stay in the outbox")
             report = PassReport()
@@ -62,17 +81,19 @@ def deliver_until(
         if finished(report):
             break
         if wait:
-            _wait(_until(deliverer, bound(), survive_errors), should_stop, wake)
+            _wait(_until(deliverer, bound(), survive), should_stop, wake)
     return total
 
 
-def _until(deliverer: Deliverer, bound: float | None, survive_errors: bool) -> float:
+def _until(
+    deliverer: Deliverer, bound: float | None, survive: Callable[[Exception], bool]
+) -> float:
     """When the wait ends at the latest, in ``time.monotonic()`` time."""
     timeout = deliverer.settings.poll_interval
     try:
         due = deliverer.outbox.next_due_at()
-    except Exception:
-        if not survive_errors:
+    except Exception as exc:
+        if not survive(exc):
             raise
         due = None
     if due is not None:
@@ -101,9 +122,11 @@ def run_worker(
 ) -> PassReport:
     """The ``flask mmolove worker`` loop: deliver until stopped (or, in burst, until idle).
 
-    A failing pass (the database restarting, or out of reach) is logged and tried
-    again after a poll interval: a worker outlives what a host's network does to it,
-    and what it held when cut off is refused when it is back. Burst drains one after
+    A pass failing because the database is out of reach (restarting, a link down, a
+    lock) is logged and tried again after a poll interval: a worker outlives what a
+    host's network does to it, and what it held when cut off is refused when it is
+    back. An error that needs the operator ends it (see :func:`survive_unreachable`).
+    Burst drains one after
     the other, no wait between, ends at the first that finds nothing due, and fails on
     the first error (its exit status is what cron reports).
     """
@@ -115,4 +138,6 @@ def run_worker(
             wait=False,
             on_pass=on_pass,
         )
-    return deliver_until(deliverer, should_stop=should_stop, on_pass=on_pass, survive_errors=True)
+    return deliver_until(
+        deliverer, should_stop=should_stop, on_pass=on_pass, survive=survive_unreachable
+    )

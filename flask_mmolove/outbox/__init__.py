@@ -49,6 +49,7 @@ from .values import (
     Ending,
     OutboxError,
     OutboxEvent,
+    OutboxUnreachable,
     Stats,
 )
 
@@ -73,6 +74,7 @@ __all__ = [
     "OutboxError",
     "OutboxEvent",
     "OutboxOutdated",
+    "OutboxUnreachable",
     "Stats",
     "check_table_prefix",
     "make_engine",

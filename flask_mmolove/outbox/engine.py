@@ -18,7 +18,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 
 from .forks import fork_guard, refuse_foreign_connection, remember_pid
-from .values import OutboxError
+from .values import OutboxError, OutboxUnreachable
 
 logger = logging.getLogger("flask_mmolove")
 
@@ -414,20 +414,20 @@ def _explain(
             if wait is None
             else f"{wait:g} s on a request's path, MMOLOVE_REQUEST_LOCK_TIMEOUT"
         )
-        return OutboxError(
+        return OutboxUnreachable(
             f"the SQLite outbox {url} stayed locked past its busy timeout "
             f"({timeout}): another connection holds a long "
             "write transaction on it, or the file is on a network filesystem, where "
             "SQLite locking does not work"
         )
     if wait is not None and getattr(exc.orig, "sqlstate", None) in _PG_TIMED_OUT:
-        return OutboxError(
+        return OutboxUnreachable(
             f"a statement on the outbox {url} waited longer than a request may "
             f"({wait:g} s, MMOLOVE_REQUEST_LOCK_TIMEOUT): another connection holds a "
             f"lock on its tables (a migration, VACUUM FULL, a long transaction): {reason}"
         )
     if exc.connection_invalidated:
-        return OutboxError(f"lost the connection to the outbox database {url}: {reason}")
+        return OutboxUnreachable(f"lost the connection to the outbox database {url}: {reason}")
     return None
 
 

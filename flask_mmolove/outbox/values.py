@@ -32,6 +32,11 @@ class OutboxError(RuntimeError):
     """The outbox database cannot do what was asked; the message says what to fix."""
 
 
+class OutboxUnreachable(OutboxError):
+    """The outbox database could not be used just now (the connection lost, a lock or
+    a timeout): the same work may succeed when tried again."""
+
+
 @dataclass(frozen=True)
 class OutboxEvent:
     """One stored referral event, as it was when it was read.

@@ -28,7 +28,9 @@ PORTAL = (
 EVENTS = 12
 
 
-def flask(tmp_path: Path, url: str, sandbox: Any, *args: str) -> subprocess.CompletedProcess[str]:
+def flask(
+    tmp_path: Path, url: str, sandbox: Any, *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "FLASK_APP": "portal010:app",
@@ -44,7 +46,7 @@ def flask(tmp_path: Path, url: str, sandbox: Any, *args: str) -> subprocess.Comp
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
 
@@ -77,6 +79,11 @@ def test_an_outbox_from_0_1_0_upgrades_with_0_lost_then_delivers(
     assert refused.returncode != 0
     assert "flask mmolove db upgrade" in refused.stdout + refused.stderr
     assert mmolove_sandbox.accepted_count("registered") == 0
+    # A long-running worker is refused the same way, at once: not the refusal logged
+    # every poll interval by a worker that looks alive to its supervisor.
+    refused = flask(tmp_path, database_url, mmolove_sandbox, "worker", timeout=30)
+    assert refused.returncode != 0
+    assert "flask mmolove db upgrade" in refused.stdout + refused.stderr
 
     upgraded = flask(tmp_path, database_url, mmolove_sandbox, "db", "upgrade")
     assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
