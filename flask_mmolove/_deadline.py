@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import struct
 import threading
 import time
 from typing import Any, Final
@@ -127,6 +128,10 @@ def _current() -> Attempt | None:
     return attempt
 
 
+#: SO_LINGER on, for no time: close() resets the connection and drops unsent bytes.
+_ABORT: Final = struct.pack("ii", 1, 0)
+
+
 class DeadlinePassed(OSError):
     """Raised by an armed connection asked to wait for an answer past its deadline."""
 
@@ -137,6 +142,20 @@ _ARMED_CLASSES: dict[type[Any], type[Any]] = {}
 def _armed_connection(base: type[Any]) -> type[Any]:
     armed = _ARMED_CLASSES.get(base)
     if armed is None:
+
+        def connect(self: Any) -> Any:
+            connected = base.connect(self)
+            attempt = _current()
+            if attempt is not None:
+                # Closed abortively: an attempt given up has no bytes left to send. A
+                # graceful close would keep retransmitting the request after a link
+                # comes back, to arrive long after its attempt (and its lease) ended.
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _ABORT)
+                if attempt.expired:
+                    # Plain http connects inside request(), after the watchdog last
+                    # looked: a deadline that passed while connecting sends nothing.
+                    raise DeadlinePassed("the attempt's deadline passed while connecting")
+            return connected
 
         def request(self: Any, *args: Any, **kwargs: Any) -> Any:
             attempt = _current()
@@ -154,7 +173,11 @@ def _armed_connection(base: type[Any]) -> type[Any]:
                 attempt.watch(self.sock)
             return base.getresponse(self, *args, **kwargs)
 
-        armed = type(base.__name__, (base,), {"request": request, "getresponse": getresponse})
+        armed = type(
+            base.__name__,
+            (base,),
+            {"connect": connect, "request": request, "getresponse": getresponse},
+        )
         _ARMED_CLASSES[base] = armed
     return armed
 

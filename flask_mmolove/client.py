@@ -191,16 +191,20 @@ class ReferralClient:
             return float(timeout[0]) + float(timeout[1])
         return 2.0 * float(timeout)
 
-    def send_body(self, body: bytes) -> SendResult:
+    def send_body(self, body: bytes, *, until: float | None = None) -> SendResult:
         """POST ``body`` exactly as given, signed now. Raises :class:`TransportError`.
 
         The whole attempt (connect, send, and reading the whole answer) ends within
-        :attr:`deadline`, however slowly the answer comes; an answer longer than
+        :attr:`deadline`, or by ``until`` (a ``time.monotonic()`` time) if that is
+        sooner, however slowly the answer comes; an answer longer than
         :data:`MAX_ANSWER` bytes is cut. Either is a :class:`TransportError`, and the
-        connection is closed, never reused.
+        connection is closed, never reused; nothing of an attempt given up is sent
+        after it ended (the connection is reset, not closed gracefully).
         """
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: self.sign(body)}
         deadline = self.deadline
+        if until is not None:
+            deadline = min(deadline, until - time.monotonic())
         started = time.perf_counter()
         with _deadline.running(deadline) as attempt:
             try:

@@ -76,12 +76,15 @@ class _PassLease:
     def __init__(self, lease: float, started: float) -> None:
         self.lease = lease
         self.expires = started + lease
+        #: A renewal failed: the pass's unsent events go back without asking again.
+        self.lost = False
 
     def renewed(self, started: float) -> None:
         self.expires = max(self.expires, started + self.lease)
 
-    def covers(self, seconds: float) -> bool:
-        return time.monotonic() + seconds <= self.expires
+    def until(self) -> float:
+        """When an attempt must have ended: the watchdog acts up to TICK late."""
+        return self.expires - TICK
 
 
 def _new_owner() -> str:
@@ -203,7 +206,7 @@ class Deliverer:
                 report.claimed = len(events)
                 if events:
                     held = _PassLease(settings.lease, started)
-                    senders.submit(events, functools.partial(self._send_held, held))
+                    senders.submit(events, functools.partial(self._send_held, held, should_stop))
                     # A pass may send for longer than a lease (MMOLove slow, many
                     # events): its holder renews them while it works, so no second
                     # deliverer takes over a live claim; a dead holder renews nothing.
@@ -240,35 +243,49 @@ class Deliverer:
             setattr(report, verdict.count, getattr(report, verdict.count) + 1)
             verdict.tell()
 
-    def _send_held(self, held: _PassLease, event: OutboxEvent) -> Answer | None:
-        """Send ``event`` if its lease outlasts the attempt, renewing it first if need
-        be; None (not sent, handed back) if the lease cannot be made to."""
-        # The attempt's deadline, and the watchdog's lateness in enforcing it.
-        attempt = sum(self.settings.timeout) + TICK
-        if not held.covers(attempt):
+    def _send_held(
+        self, held: _PassLease, should_stop: Callable[[], bool], event: OutboxEvent
+    ) -> Answer | None:
+        """Send ``event`` in an attempt that ends within its lease; None (not sent,
+        handed back) if the lease cannot be vouched for.
+
+        The attempt ends by the lease's end as this process knows it, and at most
+        connect + read after it starts. With less than half of that left, the event's
+        lease is renewed first; if that fails, it and the pass's other unsent events go
+        back, without asking the database again for each.
+        """
+        until = held.until()
+        if held.lost:
+            return None
+        if until - time.monotonic() < sum(self.settings.timeout) / 2:
             started = time.monotonic()
             try:
                 renewed = self.outbox.renew(self.owner, [event.id], lease=self.settings.lease)
-            except Exception:
-                logger.exception("event %d: could not renew its lease", event.id)
+            except Exception as exc:
+                logger.info("event %d: could not renew its lease: %s", event.id, exc)
                 renewed = 0
-            if renewed != 1 or not _PassLease(self.settings.lease, started).covers(attempt):
-                logger.warning(
-                    "event %d not sent: its lease may have run out (not renewed in time); "
-                    "handed back",
-                    event.id,
-                )
+            if renewed != 1:
+                if not held.lost:
+                    held.lost = True
+                    logger.warning(
+                        "this pass's leases could not be renewed (the database out of "
+                        "reach, or taken over): its unsent events are handed back"
+                    )
                 return None
-        return self._send(event)
+            # The renewal may have taken long: a stop asked meanwhile starts nothing.
+            if should_stop():
+                return None
+            until = _PassLease(self.settings.lease, started).until()
+        return self._send(event, until=until)
 
-    def _send(self, event: OutboxEvent) -> Answer:
+    def _send(self, event: OutboxEvent, *, until: float | None = None) -> Answer:
         client = self.client
         assert client is not None, "a paused deliverer claims nothing"
         try:
             # With the server id in force now, not when the event was written (a typo
             # since fixed): serialised once for this attempt, signed and sent as is.
             body = with_server_id(event.body, self.settings.server_id, test=self.settings.test_mode)
-            return client.send_body(body), None
+            return client.send_body(body, until=until), None
         except TransportError as exc:
             return None, str(exc)
         except Exception as exc:

@@ -127,3 +127,30 @@ def test_credits_are_announced_once_by_two_deliverers_with_slow_receivers(
         for app in (first, second):
             referrer_credited.disconnect(slow_grant, sender=app)
     assert announced == Counter({identity: 1 for identity, _ in pairs})
+
+
+def test_a_lease_barely_longer_than_an_attempt_still_delivers(
+    make_portal: Callable[..., Flask], mmolove_sandbox: Any, tmp_path: Any
+) -> None:
+    # init_app accepts any lease longer than an attempt's deadline (connect + read).
+    # Sends are bounded by the lease instead of refused for want of a whole deadline's
+    # margin: with 3.04 s against 3 s, every event was handed back, pass after pass,
+    # and nothing was ever sent.
+    uri = f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
+    outbox = open_outbox(uri)
+    pairs = enqueue_pairs(outbox, mmolove_sandbox, 10, qualified=False)
+    app = make_portal(
+        MMOLove(),
+        MMOLOVE_DELIVERY="worker",
+        MMOLOVE_DATABASE_URI=uri,
+        MMOLOVE_LEASE=3.04,
+        MMOLOVE_CONNECT_TIMEOUT=1.0,
+        MMOLOVE_READ_TIMEOUT=2.0,
+    )
+    deliverer = app.extensions["mmolove"].deliverer
+    reports = [deliverer.run_once() for _ in range(3)]
+    assert mmolove_sandbox.accepted_count("registered") == len(pairs)
+    assert sum(report.delivered for report in reports) == len(pairs)
+    assert sum(report.released for report in reports) == 0
+    assert max(posts_per_key(mmolove_sandbox).values()) == 1
+    outbox.dispose()
