@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -22,9 +23,9 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 
-#: The bridge's (this namespace's) address; hosts are .11, .12, ... on the same /24.
-SUBNET = "198.18.231"
-BRIDGE_ADDRESS = f"{SUBNET}.1"
+#: Each network's /24 is 198.18.N.0, N one no other network here uses (runs side by
+#: side never share one); the bridge is .1, the hosts .11, .12, ...
+PREFIX = "198.18"
 
 
 def unavailable() -> str | None:
@@ -63,28 +64,32 @@ class Network:
 
     def __post_init__(self) -> None:
         self.bridge = f"mml{self.tag}br"
-        # A run killed before its clean-up may have left the bridge behind.
-        for line in subprocess.run(
-            ["ip", "-o", "addr", "show"], capture_output=True, text=True, check=True
-        ).stdout.splitlines():
-            if f" {BRIDGE_ADDRESS}/" in line:
-                stale = line.split()[1]
-                _ip("link", "del", stale)
+        used = subprocess.run(
+            ["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, check=True
+        ).stdout
+        free = [n for n in range(1, 255) if f" {PREFIX}.{n}." not in used]
+        self.subnet = f"{PREFIX}.{random.choice(free)}"
+        #: This namespace's address on the bridge, where the hosts find its services.
+        self.address = f"{self.subnet}.1"
         _ip("link", "add", self.bridge, "type", "bridge")
-        _ip("addr", "add", f"{BRIDGE_ADDRESS}/24", "dev", self.bridge)
-        _ip("link", "set", self.bridge, "up")
+        try:
+            _ip("addr", "add", f"{self.address}/24", "dev", self.bridge)
+            _ip("link", "set", self.bridge, "up")
+        except BaseException:
+            self.close()
+            raise
 
     def add_host(self, name: str) -> Host:
         n = len(self.hosts) + 1
         host = Host(
             name=name,
             namespace=f"mml-{self.tag}-{name}",
-            address=f"{SUBNET}.{10 + n}",
+            address=f"{self.subnet}.{10 + n}",
             port=f"mml{self.tag}p{n}",
         )
         inside = f"mml{self.tag}i{n}"
-        _ip("netns", "add", host.namespace)
         self.hosts.append(host)
+        _ip("netns", "add", host.namespace)
         _ip("link", "add", host.port, "type", "veth", "peer", "name", inside)
         _ip("link", "set", inside, "netns", host.namespace)
         _ip("link", "set", host.port, "master", self.bridge)

@@ -89,7 +89,8 @@ class Judge:
                 at=self.clock(),
                 status=event.last_status,
                 reason=event.last_reason or "not_sent",
-                error=event.last_error or "not sent: the deliverer stopped first",
+                error=event.last_error
+                or "not sent: handed back (the deliverer stopping, or its lease not renewed)",
             )
             return Verdict(ending, "released", _nothing)
         result, error = answer

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from netns import BRIDGE_ADDRESS, Host, Network, unavailable
+from netns import Host, Network, unavailable
 from support import missing
 
 pytestmark = pytest.mark.slow
@@ -76,11 +76,11 @@ def setting(tmp_path: Path) -> Iterator[tuple[Network, Host, subprocess.Popen[st
         host = network.add_host("client")
         bodies: ClassVar[list[Any]] = []
         handler = type("Handler", (Received,), {"bodies": bodies})
-        server = ThreadingHTTPServer((BRIDGE_ADDRESS, 0), handler)
+        server = ThreadingHTTPServer((network.address, 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         script = tmp_path / "client.py"
         script.write_text(CLIENT)
-        url = f"http://{BRIDGE_ADDRESS}:{server.server_port}/e"
+        url = f"http://{network.address}:{server.server_port}/e"
         client = subprocess.Popen(
             host.command(sys.executable, str(script), url),
             stdin=subprocess.PIPE,

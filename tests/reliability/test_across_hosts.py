@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from netns import BRIDGE_ADDRESS, Host, Network, Relay, unavailable
+from netns import Host, Network, Relay, unavailable
 from reliability_support import (
     HERE,
     assert_exactly_once,
@@ -127,10 +127,10 @@ class Hosts:
         self.hosts = {name: network.add_host(name) for name in SKEWS}
         self.names = {host.address: name for name, host in self.hosts.items()}
         port = sa.make_url(database_uri).port or 5432
-        self.relays = {name: Relay(BRIDGE_ADDRESS, ("127.0.0.1", port)) for name in SKEWS}
+        self.relays = {name: Relay(network.address, ("127.0.0.1", port)) for name in SKEWS}
         self.database_uri = database_uri
         self.engine = sa.create_engine(database_uri)
-        self.sandbox = SandboxServer(host=BRIDGE_ADDRESS).start()
+        self.sandbox = SandboxServer(host=network.address).start()
         self.workers: dict[str, subprocess.Popen[str]] = {}
         self.outputs: dict[str, str] = {}
         # The outbox at its schema's head first; then the portal's own tables.
@@ -155,7 +155,7 @@ class Hosts:
         host: Host = self.hosts[name]
         relayed = (
             sa.make_url(self.database_uri)
-            .set(host=BRIDGE_ADDRESS, port=self.relays[name].port)
+            .set(host=self.network.address, port=self.relays[name].port)
             .render_as_string(hide_password=False)
         )
         env = _host_env(self.sandbox, relayed)
@@ -171,18 +171,23 @@ class Hosts:
     def posts_from(self, name: str) -> int:
         return sum(1 for r in self.sandbox.events if self.names.get(r.peer or "") == name)
 
-    def leases_of(self, name: str) -> tuple[int, float | None]:
-        """How many events host ``name`` holds, and when the last of its leases ends
-        (the database's clock, which is this machine's)."""
+    def leases_of(self, name: str) -> tuple[int, float | None, float | None]:
+        """How many events host ``name`` holds, when the last of its leases ends (the
+        database's clock, which is this machine's), and when it last claimed one (by
+        its own clock)."""
         with self.engine.connect() as conn:
-            held, until = conn.execute(
+            held, until, attempted = conn.execute(
                 sa.text(
-                    "SELECT count(*), max(lease_until) FROM mmolove_events "
-                    "WHERE lease_owner LIKE :owner"
+                    "SELECT count(*), max(lease_until), max(last_attempt_at) "
+                    "FROM mmolove_events WHERE lease_owner LIKE :owner"
                 ),
                 {"owner": f"%:{self.workers[name].pid}:%"},
             ).one()
-        return int(held), None if until is None else float(until)
+        return (
+            int(held),
+            None if until is None else float(until),
+            None if attempted is None else float(attempted),
+        )
 
     def answered_after(self, name: str, deadline: float, before: float) -> list[Any]:
         """Host ``name``'s POSTs that arrived before ``before`` and were still in
@@ -248,7 +253,10 @@ def _run(
         # sends from now on is held at the cut (whatever reached the database before
         # is committed by the time this reads).
         time.sleep(0.5)
-        held, lease_end = hosts.leases_of("h1")
+        held, lease_end, claimed_at = hosts.leases_of("h1")
+        # Host 1's clock is the shifted one (else this proves nothing about skew).
+        assert claimed_at is not None
+        assert abs(claimed_at - (time.time() + SKEWS["h1"])) < 30
         time.sleep(CUT_SECONDS - 0.5)
         restored_wall = time.time()
         if cut == "cable":
