@@ -84,28 +84,20 @@ def make_engine(uri: str | URL) -> Engine:
             "psycopg",
             "psycopg2",
         ):
-            sa.event.listen(engine, "connect", _end_idle_transactions)
+            sa.event.listen(engine, "begin", _end_idle_transactions)
     sa.event.listen(engine, "connect", remember_pid)
     sa.event.listen(engine, "checkout", refuse_foreign_connection)
     return engine
 
 
-def _end_idle_transactions(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
-    """For the session: see ``make_engine``. Outside a transaction (autocommit), as
-    SQLAlchemy's documented recipe for session settings does."""
-    autocommit = dbapi_connection.autocommit
-    dbapi_connection.autocommit = True
-    try:
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute(
-                "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
-                (f"{PG_IDLE_IN_TRANSACTION_TIMEOUT}s",),
-            )
-        finally:
-            cursor.close()
-    finally:
-        dbapi_connection.autocommit = autocommit
+def _end_idle_transactions(conn: Connection) -> None:
+    """See ``make_engine``. Local to each transaction, never the session's: behind a
+    pooler that shares server sessions (PgBouncer's transaction mode), a session
+    setting would reach other clients' transactions."""
+    conn.exec_driver_sql(
+        "SELECT set_config('idle_in_transaction_session_timeout', %(timeout)s, true)",
+        {"timeout": f"{PG_IDLE_IN_TRANSACTION_TIMEOUT}s"},
+    )
 
 
 def in_memory(url: URL) -> bool:
