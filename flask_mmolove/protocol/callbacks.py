@@ -29,6 +29,8 @@ from .signatures import (
     MalformedSignatureError,
     SignatureError,
     StaleSignatureError,
+    header_fields,
+    header_time,
 )
 
 #: The header naming the callback's event (the body's ``event`` says the same).
@@ -41,7 +43,6 @@ REQUIRED_FIELDS: Final = ("event", "server_id", "username", "heart_id")
 
 _T = re.compile(r"[1-9][0-9]{0,17}", re.ASCII)
 _HEX = re.compile(r"[0-9a-f]{64}", re.ASCII)
-_FIELD_NAME = re.compile(r"[a-z][a-z0-9]{0,15}", re.ASCII)
 
 
 class CallbackPayloadError(ValueError):
@@ -102,22 +103,11 @@ def sign_heart_callback(
 def parse_callback_signature(header: str) -> CallbackSignature:
     """Parse a reward callback's header strictly; :class:`MalformedSignatureError` on
     anything else (a referral event's ``v1=sha256=<hex>`` included)."""
-    if not isinstance(header, str) or not header:
-        raise MalformedSignatureError("signature header is missing or empty")
-    if not header.isascii() or not header.isprintable() or " " in header:
-        raise MalformedSignatureError(
-            "signature header must be printable ASCII without spaces: t=<unix seconds>,v1=<hex>"
-        )
     t: int | None = None
     macs: list[str] = []
-    for part in header.split(","):
-        name, sep, value = part.partition("=")
-        if not sep or not _FIELD_NAME.fullmatch(name):
-            raise MalformedSignatureError(f"signature header has a malformed field {part[:40]!r}")
+    for name, value in header_fields(header, "t=<unix seconds>,v1=<hex>"):
         if name == "t":
-            if t is not None or not _T.fullmatch(value):
-                raise MalformedSignatureError("signature header needs exactly one t=<unix seconds>")
-            t = int(value)
+            t = header_time(value, t)
         elif name == "v1":
             if value.startswith("sha256="):
                 raise MalformedSignatureError(

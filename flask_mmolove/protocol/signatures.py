@@ -7,7 +7,7 @@ import hashlib
 import hmac
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -89,26 +89,37 @@ class ParsedSignature:
     key_id: str | None
 
 
-def parse_signature_header(header: str) -> ParsedSignature:
-    """Parse a header strictly; raise :class:`MalformedSignatureError` on anything else."""
+def header_fields(header: str, form: str) -> Iterator[tuple[str, str]]:
+    """The ``name=value`` fields of a signature header of the given ``form`` (named in
+    the error), each name well formed; :class:`MalformedSignatureError` otherwise."""
     if not isinstance(header, str) or not header:
         raise MalformedSignatureError("signature header is missing or empty")
     if not header.isascii() or not header.isprintable() or " " in header:
         raise MalformedSignatureError(
-            "signature header must be printable ASCII without spaces: "
-            "t=<unix seconds>,v1=sha256=<hex>"
+            f"signature header must be printable ASCII without spaces: {form}"
         )
-    t: int | None = None
-    macs: list[str] = []
-    key_id: str | None = None
     for part in header.split(","):
         name, sep, value = part.partition("=")
         if not sep or not _FIELD_NAME.fullmatch(name):
             raise MalformedSignatureError(f"signature header has a malformed field {part[:40]!r}")
+        yield name, value
+
+
+def header_time(value: str, seen: int | None) -> int:
+    """The header's one ``t``, from ``value``; ``seen`` is a ``t`` already read."""
+    if seen is not None or not _T.fullmatch(value):
+        raise MalformedSignatureError("signature header needs exactly one t=<unix seconds>")
+    return int(value)
+
+
+def parse_signature_header(header: str) -> ParsedSignature:
+    """Parse a header strictly; raise :class:`MalformedSignatureError` on anything else."""
+    t: int | None = None
+    macs: list[str] = []
+    key_id: str | None = None
+    for name, value in header_fields(header, "t=<unix seconds>,v1=sha256=<hex>"):
         if name == "t":
-            if t is not None or not _T.fullmatch(value):
-                raise MalformedSignatureError("signature header needs exactly one t=<unix seconds>")
-            t = int(value)
+            t = header_time(value, t)
         elif name == "v1":
             scheme, sep, digest = value.partition("=")
             if scheme != "sha256" or not sep:
