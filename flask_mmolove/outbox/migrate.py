@@ -62,6 +62,8 @@ class SchemaVersion:
     tables: tuple[str, ...]
     #: All the outbox tables, those that exist or not.
     expected: tuple[str, ...]
+    #: The tables of 0.1.0, which an outbox without a version has.
+    baseline: tuple[str, ...] = ()
 
     @property
     def fresh(self) -> bool:
@@ -163,6 +165,7 @@ def _read(conn: Connection, tables: Tables) -> SchemaVersion:
         head=_head(),
         tables=present(conn, tables.names),
         expected=tables.names,
+        baseline=tables.baseline_names,
     )
 
 
@@ -191,7 +194,9 @@ def _refuse_unless_current(engine: Engine, version: SchemaVersion) -> None:
 
 def _check_tables(engine: Engine, version: SchemaVersion) -> None:
     """Refuse a half-made outbox: no migration can know what the missing tables held."""
-    missing = [name for name in version.expected if name not in version.tables]
+    # An outbox of 0.1.0 has only its tables; the upgrade creates the others.
+    expected = version.baseline if version.unversioned else version.expected
+    missing = [name for name in expected if name not in version.tables]
     if version.fresh or not missing or not (version.unversioned or version.current):
         return
     url = engine.url.render_as_string(hide_password=True)

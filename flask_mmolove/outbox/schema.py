@@ -1,4 +1,4 @@
-"""The outbox's three tables under a prefix, the one check of that prefix, and the lock
+"""The outbox's tables under a prefix, the one check of that prefix, and the lock
 under which they are created, upgraded and dropped (see ``migrate``)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection
 
 from .values import (
     EVENT_MAX,
+    HEART_ID_MAX,
     IDENTITY_MAX,
     OUTCOME_MAX,
     OWNER_MAX,
@@ -35,27 +36,41 @@ def check_table_prefix(value: object) -> str:
     return value
 
 
+#: The tables of flask-mmolove 0.1.0 (revision 0001), which an unversioned outbox has.
+BASELINE_TABLES: Final = ("events", "bindings", "credits")
+#: Every table, in the order they are declared.
+TABLES: Final = (*BASELINE_TABLES, "hearts")
+
+
 @dataclass(frozen=True)
 class Tables:
-    """The events, first-touch bindings and credits of one portal (see :func:`make_tables`)."""
+    """The events, first-touch bindings, credits and hearts (votes received) of one
+    portal (see :func:`make_tables`)."""
 
     prefix: str
     metadata: sa.MetaData
     events: sa.Table
     bindings: sa.Table
     credits: sa.Table
+    hearts: sa.Table
 
     @property
     def all(self) -> list[sa.Table]:
-        return [self.events, self.bindings, self.credits]
+        return [self.events, self.bindings, self.credits, self.hearts]
 
     @property
     def names(self) -> tuple[str, ...]:
-        return (self.events.name, self.bindings.name, self.credits.name)
+        return tuple(table.name for table in self.all)
+
+    @property
+    def baseline_names(self) -> tuple[str, ...]:
+        """The tables an outbox of flask-mmolove 0.1.0 has."""
+        return tuple(f"{self.prefix}{name}" for name in BASELINE_TABLES)
 
 
 def make_tables(prefix: str, metadata: sa.MetaData | None = None) -> Tables:
-    """The tables ``<prefix>events``, ``<prefix>bindings`` and ``<prefix>credits``.
+    """The tables ``<prefix>events``, ``<prefix>bindings``, ``<prefix>credits`` and
+    ``<prefix>hearts``.
 
     Declared in ``metadata`` when given (the portal's own, so that its migrations and
     ``create_all`` include them); an app factory run again finds them declared there
@@ -135,11 +150,30 @@ def make_tables(prefix: str, metadata: sa.MetaData | None = None) -> Tables:
         # events name (an operator's --token, rows bound before revision 0002).
         sa.Index(f"{p}credits_token", "token", unique=True),
     )
-    return Tables(p, metadata, events, bindings, credits)
+    hearts = sa.Table(
+        f"{p}hearts",
+        metadata,
+        # MMOLove's idempotency key: one row per vote, however often it is delivered.
+        sa.Column("heart_id", sa.String(HEART_ID_MAX), primary_key=True),
+        sa.Column("event", sa.String(EVENT_MAX), nullable=False),
+        # What the voter typed, as sent: the portal decides who that is.
+        sa.Column("username", sa.Text, nullable=False),
+        # The body exactly as received and verified: every field, for the signal.
+        sa.Column("payload", sa.LargeBinary, nullable=False),
+        sa.Column("received_at", sa.Double, nullable=False),
+        # When ``heart_counted`` was announced; a test callback is never announced.
+        sa.Column("granted_at", sa.Double),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("lease_owner", sa.String(OWNER_MAX)),
+        sa.Column("lease_until", sa.Double),
+        sa.Column("next_attempt_at", sa.Double, nullable=False),
+        sa.Index(f"{p}hearts_due", "granted_at", "next_attempt_at"),
+    )
+    return Tables(p, metadata, events, bindings, credits, hearts)
 
 
 def _declared(prefix: str, metadata: sa.MetaData) -> Tables:
-    names = [f"{prefix}{name}" for name in ("events", "bindings", "credits")]
+    names = [f"{prefix}{name}" for name in TABLES]
     missing = [name for name in names if name not in metadata.tables]
     if missing:
         raise OutboxError(
@@ -147,8 +181,8 @@ def _declared(prefix: str, metadata: sa.MetaData) -> Tables:
             f"another table uses the outbox's prefix {prefix!r}; set MMOLOVE_TABLE_PREFIX "
             "to a prefix of the outbox's own"
         )
-    events, bindings, credits = (metadata.tables[name] for name in names)
-    return Tables(prefix, metadata, events, bindings, credits)
+    events, bindings, credits, hearts = (metadata.tables[name] for name in names)
+    return Tables(prefix, metadata, events, bindings, credits, hearts)
 
 
 def lock_schema(conn: Connection, prefix: str) -> None:

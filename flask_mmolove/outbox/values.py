@@ -22,6 +22,8 @@ IDENTITY_MAX: Final = 255
 SERVER_EVENT_ID_MAX: Final = 255
 EVENT_MAX: Final = 32
 OWNER_MAX: Final = 255
+#: A vote's ``heart_id`` (a UUID; the test callback's is all zeros).
+HEART_ID_MAX: Final = 64
 REASON_MAX: Final = 64
 OUTCOME_MAX: Final = 32
 #: Answers and errors are kept for people to read, not replayed: a bounded prefix is enough.

@@ -65,7 +65,9 @@ def create_app():
     return app
 """
 
-OUTBOX_TABLES = ("mmolove_events", "mmolove_bindings", "mmolove_credits")
+#: The tables of 0.1.0, and all of them now.
+BASELINE_TABLES = ("mmolove_events", "mmolove_bindings", "mmolove_credits")
+OUTBOX_TABLES = (*BASELINE_TABLES, "mmolove_hearts")
 
 
 def flask(
@@ -241,8 +243,10 @@ def test_with_db_the_next_migrate_adds_one_token_one_referrals_unique_indexes(
     flask(tmp_path, database_url, "db", "db", "migrate", "-m", "one token")
     [migration] = migration_texts(tmp_path)
     assert "op.create_table('players'" in migration
-    for table in OUTBOX_TABLES:
+    for table in BASELINE_TABLES:
         assert f"op.create_table('{table}'" not in migration
+    # Made by 0.1.0's declarations: the tables declared since are new to it.
+    assert "op.create_table('mmolove_hearts'" in migration
     for table in ("mmolove_bindings", "mmolove_credits"):
         # op.create_index(...) or, Flask-Migrate rendering as batch, batch_op's.
         [line] = [

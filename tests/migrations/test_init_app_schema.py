@@ -108,11 +108,11 @@ def test_built_by_the_flask_command_the_outbox_refuses_at_first_use_and_db_upgra
     assert upgrade.exit_code == 0, upgrade.output
     assert (
         "schema upgraded from 0.1.0 (tables without a schema version) to "
-        "0002 (one token, one referral)" in upgrade.output
+        "0003 (hearts)" in upgrade.output
     )
     assert "pending:    3" in cli.invoke(args=["mmolove", "status"]).output
     again = cli.invoke(args=["mmolove", "db", "upgrade"])
-    assert "schema already at 0002 (one token, one referral): nothing to do" in again.output
+    assert "schema already at 0003 (hearts): nothing to do" in again.output
     assert "up to date" in cli.invoke(args=["mmolove", "db", "current"]).output
     engine = make_engine(database_url)
     assert rows(engine) == before

@@ -61,7 +61,8 @@ def test_an_outbox_without_shared_tokens_gets_both_unique_indexes(engine: sa.Eng
     _credit(engine, "p1", "tok-1", 3.0)
     before = rows(engine)
     was, now = Outbox(engine).upgrade()
-    assert (was.unversioned, now.revision) == (True, "0002")
+    assert was.unversioned
+    assert now.current
     assert rows(engine) == before
     assert _unique_indexes(engine, "mmolove_bindings") == {"mmolove_bindings_token": ["token"]}
     assert _unique_indexes(engine, "mmolove_credits") == {"mmolove_credits_token": ["token"]}

@@ -64,7 +64,7 @@ def test_a_fresh_outbox_is_made_at_the_head_with_a_version_table_of_its_own(
     assert version_rows(engine, "alembic_version") == ["portal1234"]
     version = box.schema_version()
     assert version.current
-    assert str(version) == "0002 (one token, one referral)"
+    assert str(version) == "0003 (hearts)"
     box.create_all()  # at the head: nothing to do, nothing refused
     box.drop_all()
     assert table_names(engine) == {"alembic_version"}

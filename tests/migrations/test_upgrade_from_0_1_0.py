@@ -87,7 +87,7 @@ def test_an_outbox_from_0_1_0_upgrades_with_0_lost_then_delivers(
 
     upgraded = flask(tmp_path, database_url, mmolove_sandbox, "db", "upgrade")
     assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
-    assert "schema upgraded from 0.1.0 (tables without a schema version) to 0002" in (
+    assert "schema upgraded from 0.1.0 (tables without a schema version) to 0003" in (
         upgraded.stdout
     )
     assert rows(engine) == before  # 0 lost, not a byte changed
