@@ -41,6 +41,7 @@ class StoreBase:
         self.events = self._tables.events
         self.bindings = self._tables.bindings
         self.credits = self._tables.credits
+        self.hearts = self._tables.hearts
         #: Why this outbox refuses every use (an outdated schema), or None.
         self._refusal: str | None = None
 

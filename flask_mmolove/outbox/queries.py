@@ -22,6 +22,16 @@ from .schema import Tables
 from .values import DEAD, DELIVERED, DRY_RUN, PENDING
 
 #: The columns an enqueue writes (the rest start empty).
+HEART_INSERT: Final = (
+    "heart_id",
+    "event",
+    "username",
+    "payload",
+    "received_at",
+    "granted_at",
+    "attempts",
+    "next_attempt_at",
+)
 EVENT_INSERT: Final = (
     "event",
     "token",
@@ -400,6 +410,48 @@ class Statements:
     def event(self, event_id: int) -> sa.Select[Any]:
         e = self.tables.events
         return sa.select(e).where(e.c.id == event_id)
+
+    # --- hearts -------------------------------------------------------------------
+
+    @cached_property
+    def record_heart(self) -> sa.Insert | None:
+        """Insert the heart (parameters: its columns) unless its ``heart_id`` is stored;
+        returns the id when it inserted. None where the dialect cannot."""
+        return self._insert_returning(self.tables.hearts, HEART_INSERT, ("heart_id",), "heart_id")
+
+    @cached_property
+    def heart_known(self) -> sa.Select[Any]:
+        """The parameter ``heart_id``, if stored."""
+        h = self.tables.hearts
+        return sa.select(h.c.heart_id).where(h.c.heart_id == sa.bindparam("heart_id"))
+
+    @cached_property
+    def claim_hearts(self) -> Lease:
+        """Unannounced votes, oldest due first."""
+        h = self.tables.hearts
+        due = sa.and_(
+            h.c.granted_at.is_(None),
+            h.c.next_attempt_at <= sa.bindparam("now"),
+            unleased(h, sa.bindparam("lease_now")),
+        )
+        return self._lease(h.c.heart_id, due, (h.c.next_attempt_at, h.c.received_at, h.c.heart_id))
+
+    def end_heart_lease(self, heart_id: str, owner: str, **values: Any) -> sa.Update:
+        """Set ``values`` on the unannounced vote ``heart_id`` if ``owner`` holds its
+        lease, and end the lease."""
+        h = self.tables.hearts
+        return (
+            sa.update(h)
+            .where(h.c.heart_id == heart_id, h.c.lease_owner == owner, h.c.granted_at.is_(None))
+            .values(lease_owner=None, lease_until=None, **values)
+        )
+
+    def heart_counts(self) -> sa.Select[Any]:
+        """Per event: how many votes, and how many announced."""
+        h = self.tables.hearts
+        return sa.select(h.c.event, sa.func.count(), sa.func.count(h.c.granted_at)).group_by(
+            h.c.event
+        )
 
     # --- credits ------------------------------------------------------------------
 

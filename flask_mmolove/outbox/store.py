@@ -8,15 +8,17 @@ from . import migrate
 from ._base import StoreBase
 from .credits import Credits
 from .enqueueing import Enqueueing
+from .hearts import Hearts
 from .reading import Reading
 from .settling import Settling
 
 
-class Outbox(Enqueueing, Settling, Reading, Credits, StoreBase):
-    """The events, first-touch bindings and credits of one portal, in three tables.
+class Outbox(Enqueueing, Settling, Reading, Credits, Hearts, StoreBase):
+    """The events, first-touch bindings, credits and votes (hearts) of one portal.
 
     ``table_prefix`` namespaces the tables (``<prefix>events``, ``<prefix>bindings``,
-    ``<prefix>credits``) so they can live in the portal's own database. ``clock``
+    ``<prefix>credits``, ``<prefix>hearts``) so they can live in the portal's own
+    database. ``clock``
     returns unix seconds; every stored time comes from it, never from the database.
     ``metadata``: declare the tables there (the portal's, whose migrations then own
     them) instead of in a metadata of the outbox's own; ``create_hint`` says how to

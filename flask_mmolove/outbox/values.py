@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -195,6 +196,47 @@ class Credit:
             created_at=float(row.created_at),
             attempts=int(row.attempts),
         )
+
+
+@dataclass(frozen=True)
+class Heart:
+    """A vote MMOLove's reward callback delivered, waiting to be announced."""
+
+    heart_id: str
+    event: str
+    username: str
+    #: The body exactly as received and verified.
+    payload: bytes
+    received_at: float
+    #: Claims so far, including this one.
+    attempts: int = 0
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """Every field of the vote, as MMOLove sent it."""
+        data = json.loads(self.payload)
+        return data if isinstance(data, dict) else {}
+
+    @classmethod
+    def from_row(cls, row: Any) -> Heart:
+        """The heart of a row of the hearts table."""
+        return cls(
+            heart_id=row.heart_id,
+            event=row.event,
+            username=row.username,
+            payload=bytes(row.payload),
+            received_at=float(row.received_at),
+            attempts=int(row.attempts),
+        )
+
+
+@dataclass(frozen=True)
+class HeartStats:
+    """Votes received by reward callback: counted ones, those announced, tests."""
+
+    received: int
+    granted: int
+    tests: int
 
 
 @dataclass(frozen=True)
