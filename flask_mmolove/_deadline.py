@@ -44,6 +44,15 @@ class Attempt:
         for conn in self._watched:
             _shutdown(conn)
 
+    def completed(self) -> None:
+        """The exchange ended whole: its connection, kept for the next one, closes
+        gracefully again when it is closed (see the armed ``connect``)."""
+        for conn in self._watched:
+            sock = conn if isinstance(conn, socket.socket) else getattr(conn, "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _GRACEFUL)
+
 
 def _shutdown(conn: Any) -> None:
     sock = conn if isinstance(conn, socket.socket) else getattr(conn, "sock", None)
@@ -130,6 +139,8 @@ def _current() -> Attempt | None:
 
 #: SO_LINGER on, for no time: close() resets the connection and drops unsent bytes.
 _ABORT: Final = struct.pack("ii", 1, 0)
+#: SO_LINGER off: close() ends the connection as usual.
+_GRACEFUL: Final = struct.pack("ii", 0, 0)
 
 
 class DeadlinePassed(OSError):
@@ -147,9 +158,10 @@ def _armed_connection(base: type[Any]) -> type[Any]:
             connected = base.connect(self)
             attempt = _current()
             if attempt is not None:
-                # Closed abortively: an attempt given up has no bytes left to send. A
-                # graceful close would keep retransmitting the request after a link
-                # comes back, to arrive long after its attempt (and its lease) ended.
+                # Closed abortively while an exchange is under way: an attempt given
+                # up has no bytes left to send. A graceful close would keep
+                # retransmitting the request after a link comes back, to arrive long
+                # after its attempt (and its lease) ended.
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _ABORT)
                 if attempt.expired:
                     # Plain http connects inside request(), after the watchdog last
@@ -160,6 +172,10 @@ def _armed_connection(base: type[Any]) -> type[Any]:
         def request(self: Any, *args: Any, **kwargs: Any) -> Any:
             attempt = _current()
             if attempt is not None:
+                sock = getattr(self, "sock", None)
+                if sock is not None:
+                    # A kept-alive connection: abortive again for this exchange.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _ABORT)
                 attempt.watch(self)
             return base.request(self, *args, **kwargs)
 

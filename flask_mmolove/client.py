@@ -225,6 +225,7 @@ class ReferralClient:
             if attempt.expired:
                 # The socket was shut down under the read: what came may look whole.
                 raise TransportError(self._too_slow(deadline))
+            attempt.completed()
         elapsed = time.perf_counter() - started
         ok = 200 <= response.status_code < 300
         return SendResult(
