@@ -28,7 +28,13 @@ from .protocol import (
 )
 from .referrals import referral_registered, set_referee
 from .settings import ConfigurationError
-from .signals import player_qualified, referee_registered, referral_rejected, referrer_credited
+from .signals import (
+    heart_counted,
+    player_qualified,
+    referee_registered,
+    referral_rejected,
+    referrer_credited,
+)
 
 __all__ = [
     "DEFAULT_ENDPOINT",
@@ -52,6 +58,7 @@ __all__ = [
     "check_heart_callback",
     "check_legacy_get",
     "classify",
+    "heart_counted",
     "player_qualified",
     "referee_registered",
     "referral_registered",

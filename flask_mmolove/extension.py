@@ -9,7 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 from flask import Flask
 
-from . import _portal_db, _request
+from . import _portal_db, _request, callbacks
 from ._portal_db import PortalDB, SessionSource
 from .cli import mmolove_group
 from .delivery import process
@@ -87,6 +87,8 @@ class MMOLove:
             process.drain_at_exit(state.background)
         app.extensions[EXTENSION_KEY] = state
         _request.install(app, state)
+        if settings.callback_secrets:
+            callbacks.install(app, state)
         app.cli.add_command(mmolove_group)
 
     @staticmethod

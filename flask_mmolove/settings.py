@@ -58,6 +58,9 @@ DEFAULTS: Final[dict[str, Any]] = {
     "MMOLOVE_COOKIE_SECURE": None,
     "MMOLOVE_COOKIE_DOMAIN": None,
     "MMOLOVE_SESSION_KEY": "mmolove_mmref",
+    "MMOLOVE_CALLBACK_SECRET": None,
+    "MMOLOVE_CALLBACK_URL": "/mmolove/callback",
+    "MMOLOVE_CALLBACK_LEGACY_GET": False,
 }
 
 
@@ -92,6 +95,11 @@ class Settings:
     #: busy timeout); delivery keeps the engine's own waits.
     request_lock_timeout: float
     capture: CaptureSettings
+    #: MMOLove's reward-callback secrets (several during a rotation); none: the
+    #: callback endpoint is not served.
+    callback_secrets: tuple[Secret, ...] = field(default=(), repr=False)
+    callback_url: str = "/mmolove/callback"
+    callback_legacy_get: bool = False
     #: The keys of :data:`CREDENTIALS` not set while enabled: nothing is sent until
     #: a restart with them. (``server_id`` is then :data:`UNSET_SERVER_ID`.)
     missing: tuple[str, ...] = ()
@@ -141,6 +149,27 @@ def _secret(config: Mapping[str, Any]) -> Secret | None:
     if not isinstance(config[key], str):
         raise ConfigurationError(f"{key} must be a string, got {type(config[key]).__name__}")
     return Secret(config[key]) if config[key] else None
+
+
+def _callback_secrets(config: Mapping[str, Any]) -> tuple[Secret, ...]:
+    """``MMOLOVE_CALLBACK_SECRET`` (or its environment variable): one secret, or a list
+    of them while a rotation is deployed; each wrapped, never stripped. As for the
+    referral secret, no frame of a failure here holds a value."""
+    key = "MMOLOVE_CALLBACK_SECRET"
+    if config[key] is None:
+        return (Secret(os.environ[key]),) if os.environ.get(key) else ()
+    if isinstance(config[key], str) and config[key]:
+        return (Secret(config[key]),)
+    if (
+        isinstance(config[key], list | tuple)
+        and config[key]
+        and all(isinstance(v, str) and v for v in config[key])
+    ):
+        return tuple(Secret(v) for v in config[key])
+    raise ConfigurationError(
+        f"{key} must be the callback secret from MMOLove's Integration tab (a non-empty "
+        "string), or a list of them while a rotation is deployed"
+    )
 
 
 def _number(config: Mapping[str, Any], key: str, *, minimum: float = 0.0) -> float:
@@ -299,5 +328,18 @@ def load_settings(app: Flask) -> Settings:
             session_key=session_key,
             first_touch=_flag(config, "MMOLOVE_FIRST_TOUCH"),
         ),
+        callback_secrets=_callback_secrets(config),
+        callback_url=_callback_url(config),
+        callback_legacy_get=_flag(config, "MMOLOVE_CALLBACK_LEGACY_GET"),
         missing=missing,
     )
+
+
+def _callback_url(config: Mapping[str, Any]) -> str:
+    url = config["MMOLOVE_CALLBACK_URL"]
+    if not isinstance(url, str) or not url.startswith("/") or url.startswith("//"):
+        raise ConfigurationError(
+            f"MMOLOVE_CALLBACK_URL must be a path on this site, such as "
+            f"'/mmolove/callback', got {url!r}"
+        )
+    return url

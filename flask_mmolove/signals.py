@@ -38,3 +38,13 @@ referrer_credited = _signals.signal("referrer-credited")
 #: ``flask mmolove retry``), ``status`` (None for a transport failure), ``error`` (the
 #: answer's body) and ``hint`` (what to fix).
 referral_rejected = _signals.signal("referral-rejected")
+
+#: Sent once per vote MMOLove's reward callback delivered (``heart.counted``), from the
+#: deliverer, after the vote was kept: grant the voter's reward here. Sender: the app.
+#: Keyword arguments: ``username`` (what the voter typed on MMOLove: the portal decides
+#: whose account that is, and may find none), ``heart_id`` (MMOLove's id of the vote)
+#: and ``payload`` (every field received: ``streak_day``, ``period`` and any other).
+#: The same contract as ``referrer_credited``: exactly once when the receiver grants
+#: through ``db.session`` with ``db=``; otherwise at least once (make the grant
+#: idempotent on ``heart_id``). Test callbacks (``heart.test``) are never sent.
+heart_counted = _signals.signal("heart-counted")

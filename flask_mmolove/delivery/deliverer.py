@@ -19,14 +19,14 @@ from flask import Flask
 from sqlalchemy.orm import Session
 
 from .._deadline import TICK
-from ..client import ReferralClient, SendResult, TransportError
-from ..outbox import Credit, Outbox, OutboxEvent
-from ..protocol import Outcome, with_server_id
+from ..client import ReferralClient, TransportError
+from ..outbox import Outbox, OutboxEvent
+from ..protocol import with_server_id
 from ..redaction import Redactor
 from ..settings import Settings
-from ..signals import referrer_credited
 from . import process
 from ._senders import Answer, Senders
+from .announcer import Announcer
 from .verdicts import Judge
 
 logger = logging.getLogger("flask_mmolove")
@@ -43,6 +43,8 @@ class PassReport:
     retried: int = 0
     dead: int = 0
     credited: int = 0
+    #: Votes announced (``heart_counted``).
+    hearts: int = 0
     #: Claimed but not sent, because the deliverer was stopping: handed back at once.
     released: int = 0
 
@@ -53,6 +55,7 @@ class PassReport:
         self.retried += other.retried
         self.dead += other.dead
         self.credited += other.credited
+        self.hearts += other.hearts
         self.released += other.released
         return self
 
@@ -120,6 +123,14 @@ class Deliverer:
         self.owner = _new_owner()
         self._release_dry_runs_at = float("-inf")
         self._judge = Judge(settings, clock, jitter, Redactor(settings.secret), self._emit)
+        self._announcer = Announcer(
+            app,
+            outbox,
+            settings,
+            owner=lambda: self.owner,
+            clock=clock,
+            portal_session=portal_session,
+        )
         process.renew_after_fork(self)
 
     def after_fork(self) -> None:
@@ -216,6 +227,7 @@ class Deliverer:
                     )
                     self._record(answers, report)
                 report.credited = self.notify_credits()
+                report.hearts = self.notify_hearts()
                 total += report
                 if on_pass is not None and report.claimed:
                     on_pass(report)
@@ -313,84 +325,13 @@ class Deliverer:
 
     def notify_credits(self) -> int:
         """Send ``referrer_credited`` for every credit not yet announced (at most a
-        batch per call).
+        batch per call); see :mod:`.announcer`."""
+        return self._announcer.credits()
 
-        One at a time, each claimed just before it is announced: its lease covers its
-        own receivers only, never a queue of others before it (receivers that take a
-        second or two each would outlive a lease shared by a batch, and a second
-        deliverer would announce the tail again).
-        """
-        sent = 0
-        for _ in range(self.settings.batch_size):
-            credits = self.outbox.claim_credits(self.owner, limit=1, lease=self.settings.lease)
-            if not credits:
-                break
-            if self._announce(credits[0]):
-                sent += 1
-        return sent
-
-    def _announce(self, credit: Credit) -> bool:
-        """Send ``referrer_credited`` for ``credit`` and record it as announced.
-
-        With the portal's session, the receivers run in one of its transactions and
-        the record joins it: what they write through that session commits with the
-        record, once, or not at all.
-        """
-        event = self.outbox.get(credit.event_id)
-        result = SendResult(
-            status=(event.last_status or 200) if event is not None else 200,
-            body=(event.response or "") if event is not None else "",
-            outcome=Outcome(credit.outcome),
-        )
-        try:
-            with self.app.app_context():
-                if self.portal_session is None:
-                    self._credit(credit, result)
-                    recorded = self.outbox.finish_credit(credit.identity, self.owner)
-                else:
-                    recorded = self._credit_in_portal_transaction(
-                        self.portal_session(), credit, result
-                    )
-        except Exception:
-            retry_at = self.clock() + self.settings.retry_cap
-            logger.exception(
-                "a referrer_credited receiver failed for referee %r; it will be sent again",
-                credit.identity,
-            )
-            self.outbox.release_credit(credit.identity, self.owner, retry_at=retry_at)
-            return False
-        if not recorded:
-            logger.warning(
-                "the credit of referee %r: lease lost before it was recorded", credit.identity
-            )
-        return recorded
-
-    def _credit(self, credit: Credit, result: SendResult) -> None:
-        referrer_credited.send(
-            self.app,
-            identity=credit.identity,
-            token=credit.token,
-            result=result,
-            outcome=result.outcome,
-        )
-
-    def _credit_in_portal_transaction(
-        self, session: Session, credit: Credit, result: SendResult
-    ) -> bool:
-        try:
-            self._credit(credit, result)
-            recorded = self.outbox.finish_credit(
-                credit.identity, self.owner, connection=session.connection()
-            )
-            if recorded:
-                session.commit()
-            else:
-                # Another deliverer holds the credit now: it announces, these grants go.
-                session.rollback()
-            return recorded
-        except BaseException:
-            session.rollback()
-            raise
+    def notify_hearts(self) -> int:
+        """Send ``heart_counted`` for every vote not yet announced (at most a batch
+        per call); see :mod:`.announcer`."""
+        return self._announcer.hearts()
 
     def _emit(self, signal: object, **kwargs: object) -> None:
         # A receiver's bug must not undo a recorded delivery; it is logged instead.

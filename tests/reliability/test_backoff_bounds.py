@@ -207,7 +207,7 @@ def test_an_unexpected_send_error_backs_off_like_a_transport_failure(
         register(app, mmolove_sandbox.mint_token(), f"u{n}")
     deliverer = state(app).deliverer
 
-    def broken(body: bytes) -> Any:
+    def broken(body: bytes, **options: Any) -> Any:
         raise OverflowError("timeout value is too large")
 
     monkeypatch.setattr(deliverer.client, "send_body", broken)

@@ -21,7 +21,12 @@ from flask_mmolove.settings import DEFAULTS
 
 CANARY = "cfg-canary-secret-value"
 
-BOOLEANS = {"MMOLOVE_ENABLED", "MMOLOVE_TEST_MODE", "MMOLOVE_FIRST_TOUCH"}
+BOOLEANS = {
+    "MMOLOVE_ENABLED",
+    "MMOLOVE_TEST_MODE",
+    "MMOLOVE_FIRST_TOUCH",
+    "MMOLOVE_CALLBACK_LEGACY_GET",
+}
 STRINGS = {
     "MMOLOVE_SERVER_ID",
     "MMOLOVE_REFERRAL_SECRET",
@@ -33,6 +38,7 @@ STRINGS = {
     "MMOLOVE_COOKIE_NAME",
     "MMOLOVE_COOKIE_DOMAIN",
     "MMOLOVE_SESSION_KEY",
+    "MMOLOVE_CALLBACK_URL",
 }
 
 
@@ -40,6 +46,9 @@ def wrong_values(key: str) -> list[Any]:
     default = DEFAULTS[key]
     if key in BOOLEANS:
         return ["false", "0", 1, None, []]
+    if key == "MMOLOVE_CALLBACK_SECRET":
+        # One secret or a list of them: anything else, or an empty one, is refused.
+        return [42, b"bytes", True, "", [], [""], [CANARY, 7], {"k": CANARY}]
     if key == "MMOLOVE_COOKIE_SECURE":
         return ["yes", 1, 0.0, []]
     if key in STRINGS:
