@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from flask_mmolove import MMOLove, heart_counted
 from flask_mmolove.protocol import sign_heart_callback, sign_legacy_get, sign_referral_body
@@ -242,3 +244,63 @@ def test_a_bad_setting_is_refused_at_init_app_naming_the_key(
         make_portal(MMOLOVE_CALLBACK_SECRET=["", SECRET])
     with pytest.raises(ConfigurationError, match="MMOLOVE_CALLBACK_URL"):
         make_portal(MMOLOVE_CALLBACK_SECRET=SECRET, MMOLOVE_CALLBACK_URL="https://elsewhere/")
+
+
+def test_with_db_a_vote_granted_through_the_session_commits_with_its_record(
+    portal_config: dict[str, Any], tmp_path: Any
+) -> None:
+    """``db=``: the receiver's grant and the vote's record commit together, once; a
+    receiver failing after its flush takes its grant with the rollback, and the vote
+    is announced again."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    db = SQLAlchemy(model_class=Base)
+
+    class Gold(db.Model):  # type: ignore[name-defined,misc]
+        __tablename__ = "gold"
+        heart_id: Mapped[str] = mapped_column(sa.String(80), primary_key=True)
+        username: Mapped[str] = mapped_column(sa.String(80))
+
+    app = Flask(__name__)
+    app.config.update({k: v for k, v in portal_config.items() if k != "MMOLOVE_DATABASE_URI"})
+    app.config.update(
+        SECRET_KEY="k",
+        SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path / 'portal.sqlite3'}",
+        MMOLOVE_DELIVERY="worker",
+        MMOLOVE_CALLBACK_SECRET=SECRET,
+    )
+    db.init_app(app)
+    ext = MMOLove(app, db=db)
+    with app.app_context():
+        db.create_all()
+    failures = {"left": 1}
+
+    @heart_counted.connect_via(app)
+    def grant(sender: Flask, username: str, heart_id: str, **kw: Any) -> None:
+        db.session.add(Gold(heart_id=heart_id, username=username))
+        db.session.flush()
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("the game server did not answer")
+
+    try:
+        body = _vote()
+        assert _post(app, body).status_code == 200
+        deliverer = app.extensions["mmolove"].deliverer
+        assert deliverer.notify_hearts() == 0
+        with app.app_context():
+            assert db.session.scalars(sa.select(Gold)).all() == []
+            db.session.execute(sa.text("UPDATE mmolove_hearts SET next_attempt_at = 0"))
+            db.session.commit()
+        assert deliverer.notify_hearts() == 1
+        assert deliverer.notify_hearts() == 0
+        with app.app_context():
+            assert [(g.heart_id, g.username) for g in db.session.scalars(sa.select(Gold))] == [
+                (json.loads(body)["heart_id"], "Aria")
+            ]
+    finally:
+        ext.shutdown(app)
+        with app.app_context():
+            db.engine.dispose()
