@@ -104,6 +104,12 @@ def status_command() -> None:
     click.echo(f"delivered:  {stats.delivered}")
     click.echo(f"dead:       {stats.dead}")
     click.echo(f"credits to announce: {stats.credits_unnotified}")
+    if state.settings.callback_secrets:
+        hearts = outbox.heart_stats()
+        click.echo(
+            f"votes:      {hearts.received} received, {hearts.granted} announced, "
+            f"{hearts.tests} test callback(s)"
+        )
     waiting = [e for e in outbox.list_events(state="pending", limit=200) if e.last_reason]
     for event in waiting[:20]:
         due = max(0.0, event.next_attempt_at - time.time())

@@ -304,3 +304,13 @@ def test_with_db_a_vote_granted_through_the_session_commits_with_its_record(
         ext.shutdown(app)
         with app.app_context():
             db.engine.dispose()
+
+
+def test_status_counts_votes_received_announced_and_tests(portal: Flask) -> None:
+    _post(portal, _vote())
+    _post(portal, _vote())
+    _post(portal, _vote(event="heart.test", username="test-user"))
+    portal.extensions["mmolove"].deliverer.notify_hearts()
+    output = portal.test_cli_runner().invoke(args=["mmolove", "status"]).output
+    assert "votes:      2 received, 2 announced, 1 test callback(s)" in output
+    assert SECRET not in output
