@@ -250,6 +250,7 @@ def index() -> str:
         delivery=state.settings.delivery,
         test_mode=state.settings.test_mode,
         oldest=None if stats.oldest_pending_age is None else round(stats.oldest_pending_age),
+        hearts=outbox.heart_stats() if state.settings.callback_secrets else None,
     )
 
 

@@ -314,3 +314,17 @@ def test_status_counts_votes_received_announced_and_tests(portal: Flask) -> None
     output = portal.test_cli_runner().invoke(args=["mmolove", "status"]).output
     assert "votes:      2 received, 2 announced, 1 test callback(s)" in output
     assert SECRET not in output
+
+
+def test_the_operator_view_counts_votes(portal: Flask) -> None:
+    from flask_mmolove.dashboard import init_dashboard
+    from flask_mmolove.dashboard.blueprint import DEFAULT_URL_PREFIX
+
+    init_dashboard(portal, access_check=lambda: True)
+    _post(portal, _vote())
+    _post(portal, _vote(event="heart.test", username="test-user"))
+    page = portal.test_client().get(DEFAULT_URL_PREFIX + "/").get_data(as_text=True)
+    assert "Votes (reward callbacks)" in page
+    assert '<span class="count">1</span> received' in page
+    assert '<span class="count">1</span> test callback(s)' in page
+    assert SECRET not in page
