@@ -14,17 +14,21 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as BaseResponse
 
 from ..protocol import DEFAULT_TOLERANCE, SIGNATURE_HEADER
+from .callbacks import CallbackSender
 from .faults import Fault, fault_from_json
 from .rules import Reply
 from .state import SandboxState
 from .tokens import TOKEN_LIFETIME
 
 EXTENSION_KEY: Final = "mmolove_sandbox"
+CALLBACKS_KEY: Final = "mmolove_sandbox_callbacks"
 INGEST_PATH: Final = "/api/referral/events"
 #: Referral codes are short; a long one is a broken link, and it would push the token
 #: past the 512 characters flask_mmolove.capture accepts.
 _MAX_CODE: Final = 64
 _MAX_BODY: Final = 1024 * 1024
+#: What POST /_hearts passes on to send_heart().
+_HEART_FIELDS: Final = ("username", "streak_day", "extra", "heart_id", "period", "timestamp")
 
 
 class _OrderedJSONProvider(DefaultJSONProvider):
@@ -45,6 +49,16 @@ def sandbox_state(app: Flask | None = None) -> SandboxState:
     return state
 
 
+def sandbox_callbacks(app: Flask | None = None) -> CallbackSender:
+    """The :class:`~.callbacks.CallbackSender` of a sandbox app (default: the current
+    app): MMOLove's reward callbacks to the portal."""
+    target = current_app if app is None else app
+    sender = target.extensions.get(CALLBACKS_KEY)
+    if not isinstance(sender, CallbackSender):
+        raise RuntimeError("this app was not made by create_sandbox_app()")
+    return sender
+
+
 def create_sandbox_app(
     *,
     secret: str,
@@ -53,13 +67,17 @@ def create_sandbox_app(
     token_key: str | None = None,
     tolerance: int = DEFAULT_TOLERANCE,
     clock: Callable[[], float] | None = None,
+    callback_url: str | None = None,
+    callback_secret: str | None = None,
 ) -> Flask:
     """A Flask app that behaves like MMOLove for one server.
 
     ``clock`` (default :func:`time.time`) is MMOLove's clock: it judges the replay
-    window, ages tokens and stamps the log. ``token_key`` signs ``mmref`` tokens and by
-    default is derived from ``secret``. The registration URL may be plain http here,
-    for local portals; real MMOLove requires public https.
+    window, ages tokens, stamps the log and signs reward callbacks. ``token_key`` signs
+    ``mmref`` tokens and by default is derived from ``secret``. The registration URL
+    may be plain http here, for local portals; real MMOLove requires public https.
+    Reward callbacks go to ``callback_url``, signed with ``callback_secret`` (default
+    a fresh random one); :func:`sandbox_callbacks` configures and sends them.
     """
     state = SandboxState(
         secret=secret,
@@ -74,11 +92,16 @@ def create_sandbox_app(
     # dumps would show it; SECRET_KEY is unused because nothing here needs a session.
     app.config["MAX_CONTENT_LENGTH"] = _MAX_BODY
     app.extensions[EXTENSION_KEY] = state
+    app.extensions[CALLBACKS_KEY] = CallbackSender(
+        server_id=state.server_id, clock=state.clock, url=callback_url, secret=callback_secret
+    )
     app.add_url_rule(INGEST_PATH, "ingest", _ingest, methods=["POST"])
     app.add_url_rule("/r/<server_id>", "share", _share, methods=["GET"])
     app.add_url_rule("/", "index", _index, methods=["GET"])
     app.add_url_rule("/log", "log", _log_page, methods=["GET"])
     app.add_url_rule("/log.json", "log_json", _log_json, methods=["GET"])
+    app.add_url_rule("/callbacks.json", "callbacks_json", _callbacks_json, methods=["GET"])
+    app.add_url_rule("/_hearts", "hearts", _hearts, methods=["POST"])
     app.add_url_rule("/_faults", "faults", _faults, methods=["GET", "POST", "DELETE"])
     app.add_url_rule("/_state", "state", _state, methods=["GET"])
     app.add_url_rule("/_reset", "reset", _reset, methods=["POST"])
@@ -240,6 +263,30 @@ def _log_page() -> str:
 
 def _log_json() -> Response:
     return _json(200, sandbox_state().public_log())
+
+
+def _callbacks_json() -> Response:
+    return _json(200, sandbox_callbacks().public_log())
+
+
+def _hearts() -> Response:
+    """Send a reward callback from a test in another process: ``{"username": ...,
+    "streak_day": ..., "extra": {...}, "heart_id": ...}``, or ``{"test": true}``."""
+    spec = request.get_json(silent=True)
+    if not isinstance(spec, dict):
+        return _json(400, {"error": 'send a JSON object: {"username": ...} or {"test": true}'})
+    sender = sandbox_callbacks()
+    try:
+        if spec.get("test") is True:
+            delivery = sender.send_test()
+        else:
+            unknown = set(spec) - set(_HEART_FIELDS)
+            if unknown:
+                raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
+            delivery = sender.send_heart(**spec)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        return _json(400, {"error": str(exc)})
+    return _json(202, {"ok": True, "heart_id": delivery.heart_id, "event": delivery.event})
 
 
 def _faults() -> Response:

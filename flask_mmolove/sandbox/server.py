@@ -15,7 +15,9 @@ from flask import Flask
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from ..protocol import DEFAULT_TOLERANCE
-from .app import INGEST_PATH, create_sandbox_app, sandbox_state
+from .app import INGEST_PATH, create_sandbox_app, sandbox_callbacks, sandbox_state
+from .callback_values import DEFAULT_CALLBACK_TIMEOUT, UNSET, CallbackAttempt, CallbackConfig, Unset
+from .callbacks import CallbackDelivery, CallbackSender
 from .log import LogRecord
 from .rules import Referral
 from .state import SandboxState
@@ -91,6 +93,12 @@ class SandboxServer:
     Secret and server id default to fresh random values. Use as a context manager, or
     call :meth:`start` and :meth:`stop`. The request log is silent unless ``quiet`` is
     False.
+
+    It also plays MMOLove's side of reward callbacks: :meth:`send_heart` and
+    :meth:`send_test_callback` POST signed votes to ``callback_url`` with
+    ``callback_secret`` (default a fresh random one, never the referral ``secret``),
+    retried on MMOLove's schedule with its delays times ``retry_scale``; see
+    :mod:`flask_mmolove.sandbox.callbacks`.
     """
 
     def __init__(
@@ -105,6 +113,11 @@ class SandboxServer:
         host: str = "127.0.0.1",
         port: int = 0,
         quiet: bool = True,
+        callback_url: str | None = None,
+        callback_secret: str | None = None,
+        callback_legacy_get: bool = False,
+        retry_scale: float = 1.0,
+        callback_timeout: float = DEFAULT_CALLBACK_TIMEOUT,
     ) -> None:
         self.app: Flask = create_sandbox_app(
             secret=secret or secrets.token_urlsafe(32),
@@ -113,8 +126,14 @@ class SandboxServer:
             token_key=token_key,
             tolerance=tolerance,
             clock=clock,
+            callback_url=callback_url,
+            callback_secret=callback_secret,
         )
         self.state: SandboxState = sandbox_state(self.app)
+        self.callbacks: CallbackSender = sandbox_callbacks(self.app)
+        self.callbacks.configure(
+            legacy_get=callback_legacy_get, retry_scale=retry_scale, timeout=callback_timeout
+        )
         self._host = host
         self._port = port
         self._quiet = quiet
@@ -151,7 +170,9 @@ class SandboxServer:
         return self
 
     def stop(self) -> None:
-        """Stop serving, end requests in flight and close every socket. Idempotent."""
+        """Stop serving, end requests in flight and close every socket; cancel pending
+        reward callbacks and cut those in flight. Idempotent."""
+        self.callbacks.stop(_JOIN_TIMEOUT)
         server, thread = self._server, self._thread
         if server is None or thread is None:
             return
@@ -264,5 +285,76 @@ class SandboxServer:
         self.state.clear_faults()
 
     def reset(self) -> None:
-        """Forget referrals, dedup keys, the log and faults; keep secret and server id."""
+        """Forget referrals, dedup keys, the logs and faults; keep secrets and server id.
+        Reward callbacks still pending go on."""
         self.state.reset()
+        self.callbacks.reset()
+
+    # --- reward callbacks (votes), MMOLove -> portal --------------------------------
+
+    def configure_callbacks(
+        self,
+        url: str | Unset | None = UNSET,
+        *,
+        secret: str | Unset = UNSET,
+        legacy_get: bool | Unset = UNSET,
+        retry_scale: float | Unset = UNSET,
+        timeout: float | Unset = UNSET,
+    ) -> CallbackConfig:
+        """Set what is given, as on MMOLove's Integration tab: the portal's callback
+        ``url``, the callback ``secret`` (rotating it applies to pending retries at
+        once), ``legacy_get`` mode, ``retry_scale`` (``0.001``: a minute is 60 ms) and
+        the per-operation ``timeout`` in seconds."""
+        return self.callbacks.configure(
+            url=url, secret=secret, legacy_get=legacy_get, retry_scale=retry_scale,
+            timeout=timeout,
+        )  # fmt: skip
+
+    @property
+    def callback_secret(self) -> str:
+        """The reward callbacks' signing secret: the portal's MMOLOVE_CALLBACK_SECRET."""
+        return self.callbacks.secret
+
+    @property
+    def callback_url(self) -> str | None:
+        return self.callbacks.config.url
+
+    def send_heart(
+        self,
+        username: str,
+        *,
+        streak_day: int | None = None,
+        extra: dict[str, Any] | None = None,
+        heart_id: str | None = None,
+        period: str | None = None,
+        timestamp: int | None = None,
+    ) -> CallbackDelivery:
+        """POST a signed ``heart.counted`` for ``username`` to the callback URL in the
+        background, retried on MMOLove's schedule; returns at once with the delivery
+        (``.wait(timeout)``, ``.state``, ``.attempts``). Reuse a ``heart_id`` to model
+        MMOLove's duplicate; ``extra`` adds fields such as ``first_heart``."""
+        return self.callbacks.send_heart(
+            username, streak_day=streak_day, extra=extra, heart_id=heart_id, period=period,
+            timestamp=timestamp,
+        )  # fmt: skip
+
+    def send_test_callback(self) -> CallbackDelivery:
+        """The "Send test callback" button: ``heart.test`` for ``test-user``, heart_id
+        all zeros, one attempt in the background."""
+        return self.callbacks.send_test()
+
+    @property
+    def callback_log(self) -> list[CallbackAttempt]:
+        """Every callback attempt, oldest first: heart_id, attempt number, time, status
+        or error, and the delivery's state after it."""
+        return self.callbacks.attempts
+
+    @property
+    def callback_deliveries(self) -> list[CallbackDelivery]:
+        """Every callback sent, oldest first, with its state and attempts."""
+        return self.callbacks.deliveries
+
+    def wait_callbacks(self, timeout: float | None = 10.0) -> bool:
+        """Wait until every callback sent so far is delivered, exhausted, failed or
+        cancelled; False when ``timeout`` seconds pass first."""
+        return self.callbacks.wait(timeout)
