@@ -46,7 +46,7 @@ class InstantClient:
     def __init__(self, secret: str) -> None:
         self.secret = secret
 
-    def send_body(self, body: bytes) -> SendResult:
+    def send_body(self, body: bytes, *, until: float | None = None) -> SendResult:
         sign_referral_body(self.secret, body)
         return SendResult(status=200, body=ANSWER, outcome=Outcome.ADVANCED)
 
