@@ -6,7 +6,12 @@ import pytest
 
 import flask_mmolove.pytest_plugin as plugin
 
-FIXTURES = ("mmolove_sandbox", "mmolove_sandbox_factory", "mmolove_client")
+FIXTURES = (
+    "mmolove_sandbox",
+    "mmolove_sandbox_factory",
+    "mmolove_client",
+    "mmolove_live_callbacks",
+)
 
 
 def test_sandbox_fixture_receives_a_signed_event(pytester: pytest.Pytester) -> None:
