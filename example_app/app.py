@@ -28,6 +28,8 @@ DEFAULTS: dict[str, Any] = {
     "PORTAL_XP_PER_QUEST": 50,
     #: Gold for the referrer when a referee reaches the milestone.
     "PORTAL_REFERRAL_REWARD": 500,
+    #: Gold for a vote on MMOLove (double from a week's daily streak).
+    "PORTAL_VOTE_REWARD": 50,
     #: Where share links point; None derives it from MMOLOVE_ENDPOINT.
     "PORTAL_SHARE_LINK_BASE": None,
     #: The key the sandbox signs tokens with, if not derived from the secret.

@@ -36,6 +36,8 @@ SANDBOX_PREFIX: Final = "/_mmolove"
 DEMO_SERVER_ID: Final = "emberfall-demo"
 #: Signs events between the portal and the sandbox in this one process, nothing else.
 DEMO_SECRET: Final = "emberfall-local-sandbox-secret-not-for-production"  # noqa: S105
+#: The sandbox's reward-callback secret (MMOLove's Integration tab holds the real one).
+DEMO_CALLBACK_SECRET: Final = "emberfall-local-callback-secret-not-for-production"  # noqa: S105
 ADMIN_USERNAME: Final = "admin"
 ADMIN_PASSWORD_ENV: Final = "DEMO_ADMIN_PASSWORD"  # noqa: S105 (a variable's name)
 INSTANCE_ENV: Final = "DEMO_INSTANCE_PATH"
@@ -154,6 +156,7 @@ class DemoServer:
                 MMOLOVE_ENDPOINT=self.url + SANDBOX_PREFIX + INGEST_PATH,
                 MMOLOVE_SERVER_ID=DEMO_SERVER_ID,
                 MMOLOVE_REFERRAL_SECRET=DEMO_SECRET,
+                MMOLOVE_CALLBACK_SECRET=DEMO_CALLBACK_SECRET,
             )
         else:
             # The extension reads the server id and secret from the process
@@ -186,6 +189,9 @@ class DemoServer:
             secret=DEMO_SECRET,
             server_id=DEMO_SERVER_ID,
             registration_url=self.url + "/register",
+            # Votes: the sandbox plays MMOLove's reward callbacks to the portal.
+            callback_url=self.url + get_state(portal).settings.callback_url,
+            callback_secret=DEMO_CALLBACK_SECRET,
         )
         return DispatcherMiddleware(portal, {SANDBOX_PREFIX: self.sandbox})
 
@@ -254,6 +260,12 @@ class DemoServer:
                 ("4. See `qualified` arrive in the delivery log:", guide["log"]),
                 ("5. Log in as admin to see the reward appear:", f"{url}/login?next=/rewards"),
                 ("6. The operator view of deliveries (as admin):", f"{url}/mmolove/"),
+                ("7. Vote for the server as ADMIN on MMOLove (+gold):", ""),
+                (
+                    f"   curl -X POST {url}{SANDBOX_PREFIX}/_hearts -H 'Content-Type: "
+                    f'application/json\' -d \'{{"username": "{ADMIN_USERNAME}"}}\'',
+                    "",
+                ),
             ]
         else:
             endpoint = get_state(self.portal).settings.endpoint

@@ -83,3 +83,21 @@ class Reward(Base):
     granted_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     referee: Mapped[User] = relationship(foreign_keys=[referee_id], lazy="joined")
+
+
+class VoteReward(Base):
+    """What a player earned for one vote on MMOLove (``heart_counted``).
+
+    One row per vote, keyed by MMOLove's ``heart_id``: granted through ``db.session``,
+    it commits with flask-mmolove's record of the vote, once.
+    """
+
+    __tablename__ = "vote_rewards"
+
+    heart_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    #: What the voter typed on MMOLove.
+    username: Mapped[str] = mapped_column(String(255))
+    #: None when no player has that name: the vote is kept, nobody is paid.
+    player_id: Mapped[int | None] = mapped_column(ForeignKey("players.id"), index=True)
+    gold: Mapped[int]
+    granted_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,4 +1,5 @@
-"""Turning MMOLove's ``referrer_credited`` into gold for the player who shared the link."""
+"""Turning MMOLove's ``referrer_credited`` into gold for the player who shared the link,
+and ``heart_counted`` (a vote for the server) into gold for the voter."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from flask import Flask, current_app
 from sqlalchemy import select, update
 
-from flask_mmolove import Outcome, referrer_credited
+from flask_mmolove import Outcome, heart_counted, referrer_credited
 from flask_mmolove.sandbox import INGEST_PATH, TokenError, TokenMinter, derive_token_key
 from flask_mmolove.settings import Settings
 from flask_mmolove.state import get_state
 
 from .extensions import db
-from .models import Reward, User
+from .models import Reward, User, VoteReward
 
 logger = logging.getLogger("example_app")
 
@@ -107,8 +108,33 @@ def grant_referral_reward(referee_identity: str, token: str) -> Reward | None:
     return reward
 
 
+def grant_vote_reward(username: str, heart_id: str, payload: dict[str, Any]) -> VoteReward:
+    """Pay the voter for one vote, through ``db.session`` (committed by flask-mmolove
+    with its record of the vote, once). A daily streak of a week or more pays double.
+    A name no player has is kept, unpaid: MMOLove has its answer already."""
+    player = db.session.execute(select(User).where(User.username == username)).scalar_one_or_none()
+    streak = payload.get("streak_day")
+    amount = int(current_app.config["PORTAL_VOTE_REWARD"]) if player else 0
+    if isinstance(streak, int) and streak >= 7:
+        amount *= 2
+    reward = VoteReward(
+        heart_id=heart_id, username=username, player_id=player.id if player else None, gold=amount
+    )
+    db.session.add(reward)
+    if player is not None:
+        db.session.execute(update(User).where(User.id == player.id).values(gold=User.gold + amount))
+    logger.info("vote reward: %d gold to %r (heart %s)", amount, username, heart_id)
+    return reward
+
+
 def connect_rewards(app: Flask) -> None:
-    """Grant rewards when MMOLove credits one of ``app``'s referrals."""
+    """Grant rewards when MMOLove credits one of ``app``'s referrals, and for votes."""
+
+    @heart_counted.connect_via(app)
+    def on_heart_counted(
+        sender: Flask, username: str, heart_id: str, payload: dict[str, Any], **kwargs: Any
+    ) -> None:
+        grant_vote_reward(username, heart_id, payload)
 
     @referrer_credited.connect_via(app)
     def on_referrer_credited(sender: Flask, **kwargs: Any) -> None:

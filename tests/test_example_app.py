@@ -513,6 +513,7 @@ def test_python_m_example_app_starts_on_a_fresh_instance(tmp_path: Path) -> None
             f"{root}/_mmolove/log",
             f"{root}/login?next=/rewards",
             f"{root}/mmolove/",
+            f"{root}/_mmolove/_hearts",  # the vote, as a curl command
         ], output
         assert re.search(r"Admin account: admin / \S+", output)
         landing = requests.get(steps[0], timeout=5)
