@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import uuid
+from collections.abc import Sequence
 from typing import Any, Final
 
 from flask import Flask, Response, current_app, jsonify, request
@@ -30,6 +31,7 @@ from .protocol import (
     check_heart_callback,
     check_legacy_get,
 )
+from .redaction import Secret
 from .state import MMOLoveState, get_state
 
 logger = logging.getLogger("flask_mmolove")
@@ -69,7 +71,9 @@ def _answer(status: int, **body: Any) -> Response:
 def receive() -> Response:
     """Verify, keep, answer: the view at ``MMOLOVE_CALLBACK_URL``."""
     state = get_state()
-    secrets = [secret.reveal() for secret in state.settings.callback_secrets]
+    # Held wrapped: verification unwraps each only inside the MAC's computation, so no
+    # frame of an unexpected error (shown by a debugger or Sentry) holds one in plain.
+    secrets = state.settings.callback_secrets
     if request.method == "GET":
         return _legacy(state, secrets)
     if request.content_length is not None and request.content_length > MAX_BODY:
@@ -95,7 +99,7 @@ def receive() -> Response:
     return _keep(state, heart_id, vote["event"], vote["username"], raw)
 
 
-def _legacy(state: MMOLoveState, secrets: list[str]) -> Response:
+def _legacy(state: MMOLoveState, secrets: Sequence[Secret]) -> Response:
     try:
         vote = check_legacy_get(request.args, secrets)
     except SignatureError as exc:

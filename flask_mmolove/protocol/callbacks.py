@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol, runtime_checkable
 
 from .bodies import DEFAULT_TOLERANCE
 from .signatures import (
@@ -60,18 +60,34 @@ def _raw(body: bytes | bytearray | memoryview | str) -> bytes:
     return body.encode("utf-8") if isinstance(body, str) else bytes(body)
 
 
-def _secrets(secrets: str | Sequence[str]) -> tuple[str, ...]:
-    candidates = (secrets,) if isinstance(secrets, str) else tuple(secrets)
-    if not candidates or not all(isinstance(s, str) and s for s in candidates):
+@runtime_checkable
+class Revealing(Protocol):
+    """A secret held wrapped (``flask_mmolove.redaction.Secret``): its value only when
+    asked, so no frame of a verification holds it in plain."""
+
+    def reveal(self) -> str: ...
+
+
+Key = str | Revealing
+
+
+def _plain(secret: Key) -> str:
+    return secret if isinstance(secret, str) else secret.reveal()
+
+
+def _secrets(secrets: Key | Sequence[Key]) -> tuple[Key, ...]:
+    candidates = (secrets,) if isinstance(secrets, str) or hasattr(secrets, "reveal") else secrets
+    found = tuple(candidates)
+    if not found or not all(isinstance(s, str | Revealing) and len(_plain(s)) > 0 for s in found):
         # An empty key is a MAC anyone can compute: an unset secret must never verify.
         raise ValueError("every callback secret must be a non-empty string")
-    return candidates
+    return found
 
 
-def _matches(candidates: Sequence[str], message: bytes, macs: Sequence[str]) -> bool:
+def _matches(candidates: Sequence[Key], message: bytes, macs: Sequence[str]) -> bool:
     matched = False
     for secret in candidates:
-        expected = hmac.new(secret.encode("utf-8"), message, hashlib.sha256).hexdigest()
+        expected = hmac.new(_plain(secret).encode("utf-8"), message, hashlib.sha256).hexdigest()
         for mac in macs:
             # No early exit: timing says nothing about which secret or MAC matched.
             matched |= hmac.compare_digest(expected, mac)
@@ -92,12 +108,13 @@ def sign_heart_callback(
 ) -> str:
     """The ``X-MMOLove-Signature`` MMOLove sends with ``body`` at ``t`` (default now):
     for the sandbox and tests, which play MMOLove's side."""
-    (secret,) = _secrets(secret)
+    (key,) = _secrets(secret)
     t = int(time.time()) if t is None else t
     if isinstance(t, bool) or not isinstance(t, int) or t <= 0:
         raise ValueError(f"t must be a positive whole number of unix seconds, got {t!r}")
     message = b"%d." % t + _raw(body)
-    return f"t={t},v1={hmac.new(secret.encode('utf-8'), message, hashlib.sha256).hexdigest()}"
+    mac = hmac.new(_plain(key).encode("utf-8"), message, hashlib.sha256).hexdigest()
+    return f"t={t},v1={mac}"
 
 
 def parse_callback_signature(header: str) -> CallbackSignature:
@@ -128,7 +145,7 @@ def parse_callback_signature(header: str) -> CallbackSignature:
 def check_heart_callback(
     raw_body: bytes | bytearray | memoryview | str,
     signature_header: str,
-    secrets: str | Sequence[str],
+    secrets: Key | Sequence[Key],
     *,
     tolerance: int = DEFAULT_TOLERANCE,
     now: int | None = None,
@@ -152,7 +169,8 @@ def check_heart_callback(
         )
     try:
         event = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # RecursionError: arrays nested deeper than the parser goes, a hostile body.
         raise CallbackPayloadError(f"the body is not JSON: {exc}") from None
     if not isinstance(event, dict):
         raise CallbackPayloadError("the body is not a JSON object")
@@ -183,16 +201,16 @@ def verify_heart_callback(
 
 def sign_legacy_get(secret: str, username: str, ts: int | None = None) -> dict[str, str]:
     """The query MMOLove's legacy GET mode sends for ``username`` at ``ts``."""
-    (secret,) = _secrets(secret)
+    (key,) = _secrets(secret)
     ts = int(time.time()) if ts is None else ts
     message = f"{username}|{ts}".encode()
-    sig = hmac.new(secret.encode("utf-8"), message, hashlib.sha256).hexdigest()
+    sig = hmac.new(_plain(key).encode("utf-8"), message, hashlib.sha256).hexdigest()
     return {"username": username, "ts": str(ts), "sig": sig}
 
 
 def check_legacy_get(
     args: Mapping[str, str],
-    secrets: str | Sequence[str],
+    secrets: Key | Sequence[Key],
     *,
     tolerance: int = DEFAULT_TOLERANCE,
     now: int | None = None,

@@ -147,6 +147,7 @@ def test_a_signature_that_does_not_verify_is_401_and_keeps_nothing(
         b'{"event":"heart.refund","server_id":"s","username":"u","heart_id":"h"}',
         b'{"event":"heart.counted","server_id":"s","username":"u","heart_id":"' + b"h" * 90 + b'"}',
         b"\xff" * 10,
+        b"[" * 60_000,  # nested deeper than the parser goes: RecursionError
     ],
 )
 def test_a_signed_body_that_is_no_vote_is_400_never_500(portal: Flask, body: bytes) -> None:
