@@ -453,8 +453,11 @@ def test_misuse_is_refused_at_once(mmolove_sandbox_factory: Factory) -> None:
 
 
 def test_the_plugin_aims_callbacks_at_pytest_flasks_live_server(
-    pytester: pytest.Pytester,
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Set by any `flask` command run in this process earlier in the suite (the CLI
+    # tests'); inherited, it makes the live server's app.run() a no-op.
+    monkeypatch.delenv("FLASK_RUN_FROM_CLI", raising=False)
     pytester.makeconftest(
         """
         import pytest
