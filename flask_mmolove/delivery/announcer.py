@@ -65,10 +65,15 @@ class Announcer:
         return sent
 
     def hearts(self) -> int:
-        """Send ``heart_counted`` for each unannounced vote (a batch at most); nothing
-        unless the callback endpoint is served (``MMOLOVE_CALLBACK_SECRET``)."""
+        """Send ``heart_counted`` for each unannounced vote (a batch at most).
+
+        A standalone outbox always has its votes' table, so a worker whose settings
+        lack ``MMOLOVE_CALLBACK_SECRET`` still announces what the web processes kept.
+        With ``db=`` the portal's migrations make that table: without the secret (no
+        endpoint, perhaps no table yet) it is left alone.
+        """
         sent = 0
-        if not self.settings.callback_secrets:
+        if self.portal_session is not None and not self.settings.callback_secrets:
             return sent
         for _ in range(self.settings.batch_size):
             owner = self._owner()

@@ -329,3 +329,20 @@ def test_the_operator_view_counts_votes(portal: Flask) -> None:
     assert '<span class="count">1</span> received' in page
     assert '<span class="count">1</span> test callback(s)' in page
     assert SECRET not in page
+
+
+def test_a_worker_without_the_callback_secret_still_announces_kept_votes(
+    portal: Flask, make_portal: Callable[..., Flask]
+) -> None:
+    # The web processes serve the endpoint; a `flask mmolove worker` started without
+    # MMOLOVE_CALLBACK_SECRET in its environment must not leave their votes unpaid.
+    worker = make_portal(MMOLOVE_DELIVERY="worker")
+    _post(portal, _vote())
+    heard: list[str] = []
+
+    @heart_counted.connect_via(worker)
+    def grant(sender: Flask, heart_id: str, **kw: Any) -> None:
+        heard.append(heart_id)
+
+    assert worker.extensions["mmolove"].deliverer.notify_hearts() == 1
+    assert len(heard) == 1
