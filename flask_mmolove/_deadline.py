@@ -50,8 +50,7 @@ class Attempt:
         for conn in self._watched:
             sock = conn if isinstance(conn, socket.socket) else getattr(conn, "sock", None)
             if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _GRACEFUL)
+                _linger(sock, _GRACEFUL)
 
 
 def _shutdown(conn: Any) -> None:
@@ -143,6 +142,13 @@ _ABORT: Final = struct.pack("ii", 1, 0)
 _GRACEFUL: Final = struct.pack("ii", 0, 0)
 
 
+def _linger(sock: Any, how: bytes) -> None:
+    # A socket already closed (or of a kind without SO_LINGER) keeps its close as it
+    # is: nothing of an exchange may fail on this.
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, how)
+
+
 class DeadlinePassed(OSError):
     """Raised by an armed connection asked to wait for an answer past its deadline."""
 
@@ -162,7 +168,7 @@ def _armed_connection(base: type[Any]) -> type[Any]:
                 # up has no bytes left to send. A graceful close would keep
                 # retransmitting the request after a link comes back, to arrive long
                 # after its attempt (and its lease) ended.
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _ABORT)
+                _linger(self.sock, _ABORT)
                 if attempt.expired:
                     # Plain http connects inside request(), after the watchdog last
                     # looked: a deadline that passed while connecting sends nothing.
@@ -175,7 +181,7 @@ def _armed_connection(base: type[Any]) -> type[Any]:
                 sock = getattr(self, "sock", None)
                 if sock is not None:
                     # A kept-alive connection: abortive again for this exchange.
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _ABORT)
+                    _linger(sock, _ABORT)
                 attempt.watch(self)
             return base.request(self, *args, **kwargs)
 
