@@ -12,8 +12,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from . import migrate, schema
+from .clauses import Lease
 from .engine import CREATE_HINT, explained, transaction
-from .queries import Lease, Statements
+from .queries import Statements
 
 
 class StoreBase:

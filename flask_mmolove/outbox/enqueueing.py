@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy.engine import Connection
 
 from ._base import StoreBase
-from .queries import insert_if_absent
+from .clauses import insert_if_absent
 from .values import IDENTITY_MAX, PENDING, OutboxError, _event_fields, _text
 
 

@@ -7,7 +7,7 @@ from sqlalchemy.engine import Connection
 
 from ..protocol import HEART_TEST
 from ._base import StoreBase
-from .queries import insert_if_absent
+from .clauses import insert_if_absent
 from .values import HEART_ID_MAX, Heart, HeartStats, _limit, _owner, _positive, _text, _time
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._base import StoreBase
-from .queries import insert_if_absent
+from .clauses import insert_if_absent
 from .values import DELIVERED, PENDING, Ending, OutboxEvent, _limit, _owner, _positive
 
 

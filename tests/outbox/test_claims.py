@@ -245,6 +245,18 @@ def test_claim_and_settle_never_read_every_waiting_event(tmp_path: Path) -> None
     outbox.dispose()
 
 
+def _outbox_on_a_host_off_by(
+    seconds: float, url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> Outbox:
+    """An outbox whose default clock (``time.time``, taken at construction, as on a
+    host) reads ``seconds`` off; leases still follow the database's clock."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + seconds)
+    outbox = Outbox(make_engine(url), table_prefix=prefix)
+    monkeypatch.setattr(time, "time", real)
+    return outbox
+
+
 @pytest.mark.postgres
 def test_hosts_minutes_apart_never_share_a_lease(
     pg_uri: str, monkeypatch: pytest.MonkeyPatch
@@ -254,10 +266,7 @@ def test_hosts_minutes_apart_never_share_a_lease(
     prefix = _prefix()
     right = Outbox(make_engine(pg_uri), table_prefix=prefix)
     right.create_all()
-    real = time.time
-    monkeypatch.setattr(time, "time", lambda: real() - 90)
-    behind = Outbox(make_engine(pg_uri), table_prefix=prefix)
-    monkeypatch.setattr(time, "time", real)
+    behind = _outbox_on_a_host_off_by(-90, pg_uri, prefix, monkeypatch)
     try:
         # Due by the behind host's own clock: it wrote the event.
         _enqueue(behind, 1)
@@ -280,10 +289,7 @@ def test_a_host_ahead_of_the_database_claims_what_it_just_wrote(
     # Due times are the hosts' own (written at enqueue, or as backoff): a host whose
     # clock runs ahead of the database's still finds its fresh event due at once, as
     # inline delivery needs; only leases follow the database's clock.
-    real = time.time
-    monkeypatch.setattr(time, "time", lambda: real() + 5)
-    ahead = Outbox(make_engine(pg_uri), table_prefix=_prefix())
-    monkeypatch.setattr(time, "time", real)
+    ahead = _outbox_on_a_host_off_by(5, pg_uri, _prefix(), monkeypatch)
     ahead.create_all()
     try:
         event_id = _enqueue(ahead, 1)
@@ -305,10 +311,7 @@ def test_a_host_ahead_of_the_database_waits_out_a_live_lease(
     prefix = _prefix()
     right = Outbox(make_engine(pg_uri), table_prefix=prefix)
     right.create_all()
-    real = time.time
-    monkeypatch.setattr(time, "time", lambda: real() + 90)
-    ahead = Outbox(make_engine(pg_uri), table_prefix=prefix)
-    monkeypatch.setattr(time, "time", real)
+    ahead = _outbox_on_a_host_off_by(90, pg_uri, prefix, monkeypatch)
     try:
         _enqueue(right, 1)
         assert [e.id for e in right.claim("host-right", limit=10, lease=60)]
